@@ -1,0 +1,63 @@
+"""Every Redis key Ferry uses, and what lives under it.
+
+Key layout (``{...}`` is a Redis Cluster hash tag: all keys of one model, one
+pool or one gateway hash to one slot, so multi-key commands on them work on
+a cluster too)::
+
+    ferry:{m:<model>}:v<version>:requests   STREAM  requests waiting for the broker.
+                                            Group ``brokers``. Entries are XDELed
+                                            once their batch is on a pool stream.
+    ferry:{m:<model>}:v<version>:stats      HASH    cumulative statistics served by
+                                            ModelStatistics (see broker.messages.Stat).
+    ferry:{p:<pool>}:batches                STREAM  batches waiting for a worker of the
+                                            pool. Group ``workers``. Entries are
+                                            XDELed once every member has its reply,
+                                            so XLEN is the pool's backlog (pending +
+                                            undelivered) and KEDA can scale on it.
+    ferry:{g:<gateway>}:replies             LIST    replies for the calls one gateway
+                                            holds. Workers RPUSH and re-arm a TTL;
+                                            the gateway pops in bulk, so a live
+                                            gateway keeps it empty and a dead one's
+                                            list expires.
+    ferry:workers                           ZSET    live workers: member = worker id,
+                                            score = heartbeat expiry (ms since epoch).
+    ferry:worker:<id>                       STRING  JSON description of a worker (pool,
+                                            host, models), with the same TTL.
+
+No key is created per request: a request lives as one stream entry, then as
+part of one batch entry, then as one list element, each deleted on use.
+"""
+
+from __future__ import annotations
+
+PREFIX = "ferry"
+BROKER_GROUP = "brokers"
+WORKER_GROUP = "workers"
+WORKERS = f"{PREFIX}:workers"
+
+# How long an unread reply list outlives its last push: long enough to ride out a
+# gateway's Redis reconnect, short enough that a dead gateway leaves nothing behind.
+REPLY_TTL_MS = 60_000
+# Workers refresh their registration this often; it expires after three misses.
+HEARTBEAT_INTERVAL_S = 1.0
+HEARTBEAT_TTL_MS = 3_000
+
+
+def request_stream(model: str, version: int) -> str:
+    return f"{PREFIX}:{{m:{model}}}:v{version}:requests"
+
+
+def stats_hash(model: str, version: int) -> str:
+    return f"{PREFIX}:{{m:{model}}}:v{version}:stats"
+
+
+def pool_stream(pool: str) -> str:
+    return f"{PREFIX}:{{p:{pool}}}:batches"
+
+
+def reply_list(gateway_id: str) -> str:
+    return f"{PREFIX}:{{g:{gateway_id}}}:replies"
+
+
+def worker_info(worker_id: str) -> str:
+    return f"{PREFIX}:worker:{worker_id}"

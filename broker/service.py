@@ -1,0 +1,116 @@
+"""The broker process: read requests from every model's stream, form batches, hand them to pools.
+
+One loop, one blocking read: ``XREADGROUP`` over all request streams wakes the
+broker when requests arrive or when the earliest batching window closes,
+then every batch that is ready goes out in a single pipelined round trip
+(XADD to the pool stream, then XACK + XDEL of its members).  The batch is
+written before its requests are acknowledged, so a broker that dies in
+between leaves them pending rather than lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from typing import Any
+
+from broker import keys
+from broker.batcher import ModelQueue, Pending
+from broker.messages import batch_fields, parse_request
+from ferry.redis_conn import REDIS_DOWN, connect
+from ferry.repository import ModelVersion, Repository
+from ferry.settings import BrokerSettings
+
+log = logging.getLogger("ferry.broker")
+
+IDLE_BLOCK_MS = 200  # how often an idle broker looks at its stop flag
+
+
+async def ensure_group(redis: Any, stream: str, group: str) -> None:
+    """Create a consumer group (and its stream) if missing; reading from id 0 loses nothing."""
+    try:
+        await redis.xgroup_create(stream, group, id="0", mkstream=True)
+    except Exception as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+class Broker:
+    def __init__(self, settings: BrokerSettings, repo: Repository) -> None:
+        self.settings = settings
+        self.repo = repo
+        self.redis = connect(settings.redis_url, settings.redis_timeout_s, blocking_s=IDLE_BLOCK_MS / 1000)
+        self._stopping = asyncio.Event()
+        self._queues: dict[bytes, tuple[ModelVersion, ModelQueue]] = {}
+        for mv in repo.all_versions():
+            s = mv.settings
+            delay_us = s.max_queue_delay_us
+            if not s.config.dynamic_batching.max_queue_delay_microseconds and settings.max_queue_delay_us >= 0:
+                delay_us = settings.max_queue_delay_us
+            queue = ModelQueue(s.max_batch_size, delay_us / 1e6, s.preferred_batch_sizes)
+            self._queues[keys.request_stream(mv.name, mv.version).encode()] = (mv, queue)
+        self.batches_sent = 0
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def setup(self) -> None:
+        for stream in self._queues:
+            await ensure_group(self.redis, stream.decode(), keys.BROKER_GROUP)
+        for pool in {mv.settings.pool for mv, _ in self._queues.values()}:
+            await ensure_group(self.redis, keys.pool_stream(pool), keys.WORKER_GROUP)
+
+    def _block_ms(self, now: float) -> int:
+        due = [d for _, q in self._queues.values() if (d := q.next_due()) is not None]
+        if not due:
+            return IDLE_BLOCK_MS
+        wait = min(due) - now
+        return max(1, min(IDLE_BLOCK_MS, math.ceil(wait * 1000)))
+
+    async def run(self) -> None:
+        await self.setup()
+        log.info("broker %s serving %d model version(s)", self.settings.broker_id, len(self._queues))
+        streams = {s: ">" for s in self._queues}
+        backoff = 0.05
+        while not self._stopping.is_set():
+            try:
+                block = self._block_ms(time.monotonic())
+                resp = await self.redis.xreadgroup(
+                    keys.BROKER_GROUP, self.settings.broker_id, streams,
+                    count=self.settings.read_count, block=block,
+                )
+                now = time.monotonic()
+                for stream, entries in resp or ():
+                    _, queue = self._queues[stream]
+                    for entry_id, fields in entries:
+                        queue.add(Pending(entry_id, parse_request(fields), now))
+                await self._dispatch(now, drain=False)
+                backoff = 0.05
+            except REDIS_DOWN as exc:
+                log.warning("redis unreachable (%s); retrying in %.2fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+        # Graceful stop: what was read goes out now rather than waiting for another broker.
+        try:
+            await self._dispatch(time.monotonic(), drain=True)
+        except REDIS_DOWN as exc:
+            log.error("could not hand over queued requests on shutdown: %s", exc)
+        await self.redis.aclose()
+        log.info("broker %s stopped after %d batches", self.settings.broker_id, self.batches_sent)
+
+    async def _dispatch(self, now: float, *, drain: bool) -> None:
+        pipe = None
+        for stream, (mv, queue) in self._queues.items():
+            for batch in queue.take_ready(now, drain=drain):
+                if pipe is None:
+                    pipe = self.redis.pipeline(transaction=False)
+                ids = [p.entry_id for p in batch]
+                pipe.xadd(keys.pool_stream(mv.settings.pool),
+                          batch_fields(mv.name, mv.version, [p.member for p in batch]))
+                pipe.xack(stream, keys.BROKER_GROUP, *ids)
+                pipe.xdel(stream, *ids)
+                self.batches_sent += 1
+        if pipe is not None:
+            await pipe.execute()

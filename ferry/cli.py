@@ -1,0 +1,156 @@
+"""The ``ferry`` command: run a component, a whole local cluster, or a test request."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+from ferry import settings as cfg
+from ferry.errors import ConfigError, FerryError
+
+
+def _add_settings(parser: argparse.ArgumentParser, cls: type[cfg.CommonSettings]) -> None:
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        env = cfg.ENV_PREFIX + f.name.upper()
+        default = f.default if f.default != "" else "(generated)"
+        text = f"{f.metadata['help']} [env {env}; default: {default}]"
+        if f.type == "bool":
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, help=text, metavar=f.name.upper())
+
+
+def _settings(cls: type[cfg.S], ns: argparse.Namespace) -> cfg.S:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cfg.build(cls, {k: v for k, v in vars(ns).items() if k in names})
+
+
+def _component(ns: argparse.Namespace) -> None:
+    from ferry import lifecycle
+    from ferry.repository import load_repository
+
+    cls = {"gateway": cfg.GatewaySettings, "broker": cfg.BrokerSettings, "worker": cfg.WorkerSettings}[ns.command]
+    settings = _settings(cls, ns)
+    lifecycle.setup_logging(settings.log_level, settings.log_json)
+    repo = load_repository(settings.model_repository)
+
+    async def main(stop: asyncio.Event) -> None:
+        if isinstance(settings, cfg.GatewaySettings):
+            from gateway.server import serve
+
+            await serve(settings, repo, stop)
+            return
+        component: Any
+        if isinstance(settings, cfg.BrokerSettings):
+            from broker.service import Broker
+
+            component = Broker(settings, repo)
+        else:
+            from workers.worker import Worker
+
+            component = Worker(settings, repo)
+        watcher = asyncio.create_task(stop.wait())
+        watcher.add_done_callback(lambda _: component.stop())
+        try:
+            await component.run()
+        finally:
+            watcher.cancel()
+
+    lifecycle.run(main)
+
+
+def _infer(ns: argparse.Namespace) -> None:
+    import grpc
+    import numpy as np
+
+    from ferry import datatypes
+    from protos import grpc_service_pb2 as pb
+    from protos import grpc_service_pb2_grpc as pbg
+
+    with grpc.insecure_channel(ns.url) as channel:
+        stub = pbg.GRPCInferenceServiceStub(channel)
+        meta = stub.ModelMetadata(pb.ModelMetadataRequest(name=ns.model, version=ns.version), timeout=10)
+        rng = np.random.default_rng(ns.seed)
+        req = pb.ModelInferRequest(model_name=ns.model, model_version=ns.version, id="ferry-infer")
+        for t in meta.inputs:
+            shape = [ns.batch if d == -1 and i == 0 else (1 if d == -1 else d) for i, d in enumerate(t.shape)]
+            dtype = datatypes.lookup(t.datatype, what=t.name)
+            if dtype.is_bytes:
+                arr = np.array([b"ferry"] * datatypes.element_count(shape), dtype=object).reshape(shape)
+            else:
+                arr = rng.standard_normal(shape).astype(dtype.numpy)
+            req.inputs.add(name=t.name, datatype=t.datatype, shape=shape)
+            req.raw_input_contents.append(datatypes.encode_raw(dtype, arr))
+        resp = stub.ModelInfer(req, timeout=ns.timeout)
+    print(f"model {resp.model_name} version {resp.model_version} id {resp.id}")
+    for out, raw in zip(resp.outputs, resp.raw_output_contents, strict=True):
+        arr = datatypes.decode_raw(datatypes.lookup(out.datatype, what=out.name), list(out.shape), raw)
+        print(f"{out.name} {out.datatype} {list(out.shape)}:\n{arr}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ferry", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, cls, text in (
+        ("gateway", cfg.GatewaySettings, "serve the Open Inference Protocol over gRPC"),
+        ("broker", cfg.BrokerSettings, "form batches from queued requests and hand them to pools"),
+        ("worker", cfg.WorkerSettings, "run batches for one pool"),
+    ):
+        _add_settings(sub.add_parser(name, help=text, description=text), cls)
+    up = sub.add_parser("up", help="run a whole cluster locally (Redis, broker, worker, gateway)")
+    up.add_argument("--model-repository", type=Path, default=None,
+                    help="model repository to serve (default: the bundled example MLP)")
+    up.add_argument("--grpc-port", type=int, default=8001, help="gateway port (default 8001)")
+    up.add_argument("--host", default="127.0.0.1", help="gateway bind address (default 127.0.0.1)")
+    up.add_argument("--workers", type=int, default=1, help="CPU workers to start (default 1)")
+    up.add_argument("--redis-url", default=None,
+                    help="use this Redis instead of starting one [env REDIS_URL / FERRY_REDIS_URL]")
+    inf = sub.add_parser("infer", help="send one request with random inputs and print the result")
+    inf.add_argument("--url", default="127.0.0.1:8001", help="gateway address (default 127.0.0.1:8001)")
+    inf.add_argument("--model", default="mlp", help="model name (default mlp)")
+    inf.add_argument("--version", default="", help="model version (default: latest)")
+    inf.add_argument("--batch", type=int, default=1, help="rows to send (default 1)")
+    inf.add_argument("--seed", type=int, default=0, help="random seed for the inputs")
+    inf.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds")
+    ex = sub.add_parser("example-model", help="write the bundled example model repository to a folder")
+    ex.add_argument("path", type=Path)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = parser().parse_args(argv)
+    try:
+        if ns.command in ("gateway", "broker", "worker"):
+            _component(ns)
+        elif ns.command == "up":
+            import os
+
+            from ferry.cluster import up
+
+            cfg.check_env(os.environ)
+            redis_url = ns.redis_url or os.environ.get("FERRY_REDIS_URL") or os.environ.get("REDIS_URL")
+            return up(ns.model_repository, ns.grpc_port, ns.workers, ns.host, redis_url)
+        elif ns.command == "infer":
+            _infer(ns)
+        elif ns.command == "example-model":
+            from ferry.example_model import write_repository
+
+            print(write_repository(ns.path))
+    except ConfigError as exc:
+        print(f"ferry {ns.command}: error: {exc.message}", file=sys.stderr)
+        return 2
+    except FerryError as exc:
+        print(f"ferry {ns.command}: {exc.code.name}: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

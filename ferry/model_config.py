@@ -1,0 +1,242 @@
+"""Load and validate one model's ``config.pbtxt`` (Triton's text format).
+
+Ferry reads the same ``inference.ModelConfig`` schema as Triton, accepts the
+subset of fields it implements, and fails at load with ``<file>: <field>: why``
+for anything else, so a config that would silently mean something different
+here never serves traffic.  Inputs and outputs the config omits are filled
+from the ONNX graph; the ones it lists are checked against the graph.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import text_format
+
+from ferry import datatypes
+from ferry.errors import ConfigError
+from protos import model_config_pb2 as mc
+
+MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+ONNX_PLATFORM = "onnxruntime_onnx"
+ONNX_BACKEND = "onnxruntime"
+
+# Ferry's own settings live in config `parameters` under these keys.
+PARAM_POOL = "ferry.pool"
+KNOWN_PARAMETERS = {
+    PARAM_POOL: "worker pool that runs this model (default: cpu)",
+}
+
+_SUPPORTED_TOP = {
+    "name", "platform", "backend", "max_batch_size", "input", "output",
+    "dynamic_batching", "instance_group", "version_policy", "parameters",
+    "default_model_filename",
+}
+_SUPPORTED_BATCHING = {"preferred_batch_size", "max_queue_delay_microseconds"}
+_SUPPORTED_TENSOR = {"name", "data_type", "dims"}
+_SUPPORTED_INSTANCE = {"name", "kind", "count"}
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    name: str
+    dtype: datatypes.DataType
+    dims: tuple[int, ...]  # without the batch dimension; -1 = any size
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSettings:
+    """What the rest of Ferry needs from a validated config, as plain values."""
+
+    name: str
+    max_batch_size: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    max_queue_delay_us: int
+    preferred_batch_sizes: tuple[int, ...]
+    pool: str
+    instance_count: int
+    model_filename: str
+    config: Any  # the completed mc.ModelConfig, served by the ModelConfig RPC
+
+
+def _fail(path: Path, field: str, why: str) -> ConfigError:
+    return ConfigError(f"{path}: {field}: {why}")
+
+
+def parse_config_text(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read model config: {exc.strerror}") from None
+    config = mc.ModelConfig()
+    try:
+        text_format.Parse(text, config)
+    except text_format.ParseError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return config
+
+
+def _check_fields(path: Path, prefix: str, msg: Any, allowed: set[str]) -> None:
+    for fd, _ in msg.ListFields():
+        if fd.name not in allowed:
+            raise _fail(
+                path, prefix + fd.name,
+                f"not supported by Ferry (supported here: {', '.join(sorted(allowed))})",
+            )
+
+
+def _onnx_io(model_file: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Graph inputs (minus initializers) and outputs, with full shapes (-1 = dynamic)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(model_file), load_external_data=False)
+    except Exception as exc:  # onnx raises several unrelated types on bad files
+        raise ConfigError(f"{model_file}: not a readable ONNX model: {exc}") from None
+    inits = {i.name for i in model.graph.initializer}
+
+    def spec(v: Any) -> TensorSpec:
+        tt = v.type.tensor_type
+        name = datatypes.ONNX_TO_OIP.get(tt.elem_type)
+        if name is None:
+            raise ConfigError(f"{model_file}: tensor {v.name!r} has unsupported ONNX type {tt.elem_type}")
+        dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim)
+        return TensorSpec(v.name, datatypes.BY_NAME[name], dims)
+
+    ins = [spec(v) for v in model.graph.input if v.name not in inits]
+    outs = [spec(v) for v in model.graph.output]
+    return ins, outs
+
+
+def _merge_io(
+    path: Path, kind: str, declared: Any, graph: list[TensorSpec], max_batch: int, model_file: Path
+) -> list[TensorSpec]:
+    by_name = {t.name: t for t in graph}
+    result: list[TensorSpec] = []
+    seen: set[str] = set()
+    for i, t in enumerate(declared):
+        where = f"{kind}[{i}]"
+        _check_fields(path, where + ".", t, _SUPPORTED_TENSOR)
+        if t.name in seen:
+            raise _fail(path, where, f"duplicate {kind} name {t.name!r}")
+        seen.add(t.name)
+        g = by_name.get(t.name)
+        if g is None:
+            raise _fail(path, where, f"{t.name!r} is not a {kind} of {model_file.name} "
+                        f"(graph has: {', '.join(by_name) or 'none'})")
+        type_name = mc.DataType.Name(t.data_type)
+        dtype = datatypes.BY_CONFIG_NAME.get(type_name)
+        if dtype is None:
+            raise _fail(path, where + ".data_type", f"{type_name} is not a servable datatype")
+        if dtype is not g.dtype:
+            raise _fail(path, where + ".data_type",
+                        f"{type_name} but the ONNX graph says {g.dtype.config_name}")
+        dims = tuple(int(d) for d in t.dims)
+        graph_dims = _strip_batch(path, where, g, max_batch)
+        if len(dims) != len(graph_dims) or any(
+            a != b and a != -1 and b != -1 for a, b in zip(dims, graph_dims, strict=False)
+        ):
+            raise _fail(path, where + ".dims",
+                        f"{list(dims)} does not match the ONNX graph's {list(graph_dims)}"
+                        + (" (dims exclude the batch dimension)" if max_batch > 0 else ""))
+        if any(d < -1 or d == 0 for d in dims):
+            raise _fail(path, where + ".dims", f"{list(dims)}: each dim must be positive or -1")
+        # The graph may be stricter than the config: use the most specific dims.
+        merged = tuple(b if a == -1 else a for a, b in zip(dims, graph_dims, strict=True))
+        result.append(TensorSpec(t.name, dtype, merged))
+    for g in graph:
+        if g.name not in seen:
+            result.append(TensorSpec(g.name, g.dtype, _strip_batch(path, kind, g, max_batch)))
+    return result
+
+
+def _strip_batch(path: Path, where: str, g: TensorSpec, max_batch: int) -> tuple[int, ...]:
+    if max_batch <= 0:
+        return g.dims
+    if not g.dims or (g.dims[0] != -1 and g.dims[0] < max_batch):
+        raise _fail(path, "max_batch_size",
+                    f"{max_batch} but ONNX tensor {g.name!r} has shape {list(g.dims)}; with "
+                    "batching its first dimension must be dynamic (or set max_batch_size: 0)")
+    return g.dims[1:]
+
+
+def load_model_settings(model_dir: Path, model_file: Path) -> ModelSettings:
+    """Validate ``<model_dir>/config.pbtxt`` against the ONNX file of one version."""
+    path = model_dir / "config.pbtxt"
+    config = parse_config_text(path)
+    _check_fields(path, "", config, _SUPPORTED_TOP)
+    name = config.name or model_dir.name
+    if name != model_dir.name:
+        raise _fail(path, "name", f"{name!r} must match its directory name {model_dir.name!r}")
+    if config.platform not in ("", ONNX_PLATFORM):
+        raise _fail(path, "platform", f"{config.platform!r} is not supported; use {ONNX_PLATFORM!r}")
+    if config.backend not in ("", ONNX_BACKEND):
+        raise _fail(path, "backend", f"{config.backend!r} is not supported; use {ONNX_BACKEND!r}")
+    if config.max_batch_size < 0:
+        raise _fail(path, "max_batch_size", "must be >= 0 (0 disables batching)")
+    max_batch = int(config.max_batch_size)
+
+    db = config.dynamic_batching
+    _check_fields(path, "dynamic_batching.", db, _SUPPORTED_BATCHING)
+    preferred = tuple(int(x) for x in db.preferred_batch_size)
+    for x in preferred:
+        if x < 1 or (max_batch and x > max_batch):
+            raise _fail(path, "dynamic_batching.preferred_batch_size",
+                        f"{x} must be between 1 and max_batch_size ({max_batch})")
+    if config.HasField("dynamic_batching") and max_batch == 0:
+        raise _fail(path, "dynamic_batching", "requires max_batch_size > 0")
+
+    count = 0
+    for i, group in enumerate(config.instance_group):
+        _check_fields(path, f"instance_group[{i}].", group, _SUPPORTED_INSTANCE)
+        if group.kind not in (mc.ModelInstanceGroup.KIND_AUTO, mc.ModelInstanceGroup.KIND_CPU):
+            raise _fail(path, f"instance_group[{i}].kind",
+                        f"{mc.ModelInstanceGroup.Kind.Name(group.kind)} is not served by the CPU "
+                        "pool yet; use KIND_CPU or KIND_AUTO")
+        if group.count < 0:
+            raise _fail(path, f"instance_group[{i}].count", "must be >= 0")
+        count += group.count or 1
+
+    params: dict[str, str] = {}
+    for key, value in config.parameters.items():
+        if key not in KNOWN_PARAMETERS:
+            known = "; ".join(f"{k}: {v}" for k, v in KNOWN_PARAMETERS.items())
+            raise _fail(path, f"parameters[{key!r}]", f"unknown parameter (known: {known})")
+        params[key] = value.string_value
+    pool = params.get(PARAM_POOL, "cpu")
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,62}", pool):
+        raise _fail(path, f"parameters[{PARAM_POOL!r}]",
+                    f"{pool!r} is not a valid pool name (lowercase letters, digits, '-', '_')")
+
+    graph_in, graph_out = _onnx_io(model_file)
+    inputs = _merge_io(path, "input", config.input, graph_in, max_batch, model_file)
+    outputs = _merge_io(path, "output", config.output, graph_out, max_batch, model_file)
+
+    completed = mc.ModelConfig()
+    completed.CopyFrom(config)
+    completed.name = name
+    completed.platform = ONNX_PLATFORM
+    completed.backend = ONNX_BACKEND
+    del completed.input[:]
+    del completed.output[:]
+    for t in inputs:
+        completed.input.add(name=t.name, data_type=mc.DataType.Value(t.dtype.config_name), dims=t.dims)
+    for t in outputs:
+        completed.output.add(name=t.name, data_type=mc.DataType.Value(t.dtype.config_name), dims=t.dims)
+
+    return ModelSettings(
+        name=name,
+        max_batch_size=max_batch,
+        inputs=tuple(inputs),
+        outputs=tuple(outputs),
+        max_queue_delay_us=int(db.max_queue_delay_microseconds),
+        preferred_batch_sizes=preferred,
+        pool=pool,
+        instance_count=max(count, 1),
+        model_filename=config.default_model_filename or "model.onnx",
+        config=completed,
+    )

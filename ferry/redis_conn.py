@@ -1,0 +1,30 @@
+"""Redis clients with bounded waits, and the mapping of Redis failures to UNAVAILABLE."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis import exceptions as rexc
+
+from ferry.errors import Unavailable
+
+# Errors that mean "Redis is not reachable right now" rather than a bug.
+REDIS_DOWN = (rexc.ConnectionError, rexc.TimeoutError, OSError)
+
+
+def connect(url: str, timeout_s: float, *, blocking_s: float = 0.0, max_connections: int = 64) -> Any:
+    """A client whose every call ends within ``timeout_s`` (+ ``blocking_s`` for blocking reads)."""
+    return aioredis.Redis.from_url(
+        url,
+        socket_connect_timeout=timeout_s,
+        socket_timeout=timeout_s + blocking_s,
+        max_connections=max_connections,
+        decode_responses=False,
+    )
+
+
+def unavailable(url: str, exc: BaseException) -> Unavailable:
+    # Never echo credentials that may be embedded in the URL.
+    where = url.split("@")[-1]
+    return Unavailable(f"Redis at {where} is unreachable ({type(exc).__name__}: {exc}); retry later")

@@ -1,0 +1,171 @@
+"""One frozen, validated settings object per process, built at the edge.
+
+Each field is a knob with a flag (``--grpc-port``), an environment variable
+(``FERRY_GRPC_PORT``; the Redis URL also reads ``REDIS_URL``) and a default,
+in that order of precedence.  The CLI's ``--help`` is generated from the
+``help`` metadata below, so every knob is documented where it is used.  An
+unknown ``FERRY_*`` variable is an error: a typo must not silently fall back
+to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ferry.errors import ConfigError
+
+ENV_PREFIX = "FERRY_"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def knob(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+def _instance_id() -> str:
+    return f"{socket.gethostname()[:24]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(frozen=True)
+class CommonSettings:
+    redis_url: str = knob(DEFAULT_REDIS_URL, "Redis URL (redis:// or rediss://); also read from REDIS_URL")
+    model_repository: Path = knob(
+        Path("models"), "model repository: <repo>/<model>/config.pbtxt and <repo>/<model>/<version>/model.onnx"
+    )
+    redis_timeout_s: float = knob(2.0, "seconds to wait for Redis to connect or answer before UNAVAILABLE")
+    log_level: str = knob("INFO", "DEBUG, INFO, WARNING or ERROR")
+    log_json: bool = knob(False, "log one JSON object per line instead of text")
+    grace_s: float = knob(
+        20.0, "on SIGTERM, seconds to finish in-flight work before exiting (keep below "
+        "Kubernetes' terminationGracePeriodSeconds)"
+    )
+
+    def __post_init__(self) -> None:
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(f"redis_url {self.redis_url!r} must start with redis://, rediss:// or unix://")
+        if self.redis_timeout_s <= 0:
+            raise ConfigError("redis_timeout_s must be > 0")
+        if self.grace_s < 0:
+            raise ConfigError("grace_s must be >= 0")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"log_level {self.log_level!r} must be DEBUG, INFO, WARNING or ERROR")
+
+
+@dataclass(frozen=True)
+class GatewaySettings(CommonSettings):
+    host: str = knob("0.0.0.0", "address the gRPC server binds")
+    grpc_port: int = knob(8001, "gRPC port (8001, as Triton); 0 picks a free port")
+    max_message_bytes: int = knob(64 * 1024 * 1024, "largest request message accepted (RESOURCE_EXHAUSTED beyond)")
+    request_timeout_s: float = knob(
+        60.0, "longest a request may wait for its answer when the client sets no deadline (DEADLINE_EXCEEDED)"
+    )
+    gateway_id: str = knob("", "unique id of this gateway in Redis (default: host-pid-random)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.grpc_port <= 65535:
+            raise ConfigError(f"grpc_port {self.grpc_port} is not a TCP port")
+        if self.max_message_bytes < 1024:
+            raise ConfigError("max_message_bytes must be at least 1024")
+        if self.request_timeout_s <= 0:
+            raise ConfigError("request_timeout_s must be > 0")
+        if not self.gateway_id:
+            object.__setattr__(self, "gateway_id", _instance_id())
+
+
+@dataclass(frozen=True)
+class BrokerSettings(CommonSettings):
+    broker_id: str = knob("", "unique id of this broker in Redis (default: host-pid-random)")
+    max_queue_delay_us: int = knob(
+        -1, "batching window for models whose config sets no max_queue_delay_microseconds (-1: use config/0)"
+    )
+    read_count: int = knob(4096, "most requests read from Redis in one call")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.read_count < 1:
+            raise ConfigError("read_count must be >= 1")
+        if not self.broker_id:
+            object.__setattr__(self, "broker_id", _instance_id())
+
+
+@dataclass(frozen=True)
+class WorkerSettings(CommonSettings):
+    pool: str = knob("cpu", "pool this worker serves; it runs every model whose ferry.pool is this pool")
+    worker_id: str = knob("", "unique id of this worker in Redis (default: host-pid-random)")
+    intra_op_threads: int = knob(1, "onnxruntime intra-op threads per session (0 = one per core)")
+    coalesce: int = knob(
+        8, "most queued batches of one model a worker merges into one run when it falls behind"
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.pool != "cpu":
+            raise ConfigError(f"pool {self.pool!r}: only the 'cpu' pool is implemented so far")
+        if self.intra_op_threads < 0:
+            raise ConfigError("intra_op_threads must be >= 0")
+        if self.coalesce < 1:
+            raise ConfigError("coalesce must be >= 1")
+        if not self.worker_id:
+            object.__setattr__(self, "worker_id", _instance_id())
+
+
+ALL_SETTINGS = (GatewaySettings, BrokerSettings, WorkerSettings)
+S = TypeVar("S", bound=CommonSettings)
+
+
+def known_env_names() -> set[str]:
+    return {ENV_PREFIX + f.name.upper() for cls in ALL_SETTINGS for f in dataclasses.fields(cls)}
+
+
+def check_env(env: Mapping[str, str]) -> None:
+    unknown = sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in known_env_names())
+    if unknown:
+        raise ConfigError(
+            f"unknown setting(s) in the environment: {', '.join(unknown)}; "
+            f"known: {', '.join(sorted(known_env_names()))}"
+        )
+
+
+def _convert(name: str, typ: Any, raw: Any) -> Any:
+    if not isinstance(raw, str):
+        return raw
+    target = {"int": int, "float": float, "bool": bool, "Path": Path, "str": str}.get(
+        typ if isinstance(typ, str) else typ.__name__
+    )
+    try:
+        if target is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        return target(raw) if target else raw
+    except ValueError:
+        raise ConfigError(f"setting {name}: {raw!r} is not a valid {target.__name__ if target else typ}") from None
+
+
+def build(cls: type[S], flags: Mapping[str, Any], env: Mapping[str, str] | None = None) -> S:
+    """Flags (None = not given) over FERRY_* environment over defaults."""
+    env = os.environ if env is None else env
+    check_env(env)
+    unknown = set(flags) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ConfigError(f"unknown setting(s) for {cls.__name__}: {', '.join(sorted(unknown))}")
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        raw = flags.get(f.name)
+        if raw is None:
+            raw = env.get(ENV_PREFIX + f.name.upper())
+        if raw is None and f.name == "redis_url":
+            raw = env.get("REDIS_URL")
+        if raw is not None:
+            values[f.name] = _convert(f.name, f.type, raw)
+    return cls(**values)

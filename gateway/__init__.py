@@ -1,0 +1,1 @@
+"""The gateway: the Open Inference Protocol gRPC front end."""

@@ -1,0 +1,77 @@
+"""Assemble and run the gateway's gRPC server: inference service, health, reflection."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ferry.repository import Repository
+from ferry.settings import GatewaySettings
+from gateway.dispatch import Dispatcher
+from gateway.service import InferenceService, method_handlers
+from protos import grpc_service_pb2 as pb
+
+log = logging.getLogger("ferry.gateway")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+READINESS_INTERVAL_S = 0.5
+
+
+async def _track_readiness(service: InferenceService, health_servicer: health.aio.HealthServicer) -> None:
+    """Mirror ServerReady into grpc.health.v1 so load balancers and probes see it."""
+    last = None
+    while True:
+        ready = await service.ready()
+        if ready != last:
+            status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+            for name in ("", SERVICE_NAME):
+                await health_servicer.set(name, status)
+            log.info("readiness: %s", "ready" if ready else "not ready (waiting for workers)")
+            last = ready
+        await asyncio.sleep(READINESS_INTERVAL_S)
+
+
+async def serve(
+    settings: GatewaySettings, repo: Repository, stop: asyncio.Event,
+    on_started: Callable[[int], None] | None = None,
+) -> None:
+    dispatcher = Dispatcher(settings)
+    dispatcher.start()
+    service = InferenceService(settings, repo, dispatcher)
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+    ])
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE_NAME, method_handlers(service)),)
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+    if port == 0:
+        raise OSError(f"cannot listen on {settings.host}:{settings.grpc_port}")
+    await server.start()
+    readiness = asyncio.create_task(_track_readiness(service, health_servicer), name="readiness")
+    log.info("gateway %s listening on %s:%d", settings.gateway_id, settings.host, port)
+    if on_started:
+        on_started(port)
+    try:
+        await stop.wait()
+    finally:
+        readiness.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await readiness
+        await health_servicer.enter_graceful_shutdown()
+        # Calls in flight finish (their replies still arrive); new ones are refused.
+        await server.stop(settings.grace_s)
+        await dispatcher.close()
+        log.info("gateway %s stopped", settings.gateway_id)

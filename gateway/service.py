@@ -1,0 +1,237 @@
+"""The GRPCInferenceService RPCs.
+
+ModelInfer and ModelStreamInfer take and return raw bytes (no gRPC-level
+(de)serialisation): the request is parsed once for validation and its
+original bytes go to Redis; the worker's serialized response goes back to the
+client untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+import ferry
+from ferry.errors import FerryError, InvalidArgument, NotFound, Unimplemented
+from ferry.redis_conn import REDIS_DOWN, unavailable
+from ferry.repository import ModelVersion, Repository
+from ferry.settings import GatewaySettings
+from gateway import statistics
+from gateway.dispatch import Dispatcher
+from gateway.liveness import LiveWorkers
+from gateway.status import describe, raise_for_reply
+from gateway.validate import RequestValidator
+from protos import grpc_service_pb2 as pb
+
+log = logging.getLogger("ferry.gateway")
+
+EXTENSIONS = ["model_configuration", "statistics", "model_repository", "parameters"]
+# ModelStreamInferResponse field 2 (infer_response), length-delimited.
+_STREAM_RESPONSE_TAG = b"\x12"
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+class InferenceService:
+    def __init__(self, settings: GatewaySettings, repo: Repository, dispatcher: Dispatcher) -> None:
+        self.settings = settings
+        self.repo = repo
+        self.dispatcher = dispatcher
+        self.live = LiveWorkers(dispatcher.redis, settings.redis_url)
+        self.validators = {mv.key: RequestValidator(mv) for mv in repo.all_versions()}
+
+    # --- health and metadata -------------------------------------------------------
+
+    async def server_live(self, request: Any, context: Any) -> Any:
+        return pb.ServerLiveResponse(live=True)
+
+    async def server_ready(self, request: Any, context: Any) -> Any:
+        return pb.ServerReadyResponse(ready=await self.ready())
+
+    async def ready(self) -> bool:
+        """Every served model version has at least one live worker."""
+        try:
+            for mv in self.repo.all_versions():
+                if await self.live.workers_for(mv) == 0:
+                    return False
+        except FerryError:
+            return False
+        return True
+
+    async def model_ready(self, request: Any, context: Any) -> Any:
+        mv = self.repo.get(request.name, request.version)
+        return pb.ModelReadyResponse(ready=await self.live.workers_for(mv) > 0)
+
+    async def server_metadata(self, request: Any, context: Any) -> Any:
+        return pb.ServerMetadataResponse(name="ferry", version=ferry.__version__, extensions=EXTENSIONS)
+
+    async def model_metadata(self, request: Any, context: Any) -> Any:
+        mv = self.repo.get(request.name, request.version)
+        s = mv.settings
+        batch = [-1] if s.max_batch_size > 0 else []
+
+        def meta(t: Any) -> Any:
+            return pb.ModelMetadataResponse.TensorMetadata(name=t.name, datatype=t.dtype.name, shape=batch + list(t.dims))
+
+        return pb.ModelMetadataResponse(
+            name=mv.name,
+            versions=[str(v.version) for v in self.repo.versions(mv.name)],
+            platform=s.config.platform,
+            inputs=[meta(t) for t in s.inputs],
+            outputs=[meta(t) for t in s.outputs],
+        )
+
+    async def model_config(self, request: Any, context: Any) -> Any:
+        mv = self.repo.get(request.name, request.version)
+        return pb.ModelConfigResponse(config=mv.settings.config)
+
+    async def model_statistics(self, request: Any, context: Any) -> Any:
+        if request.name:
+            if request.version:
+                versions = [self.repo.get(request.name, request.version)]
+            else:
+                self.repo.get(request.name)  # NOT_FOUND for unknown names
+                versions = self.repo.versions(request.name)
+        elif request.version:
+            raise InvalidArgument("a version needs a model name")
+        else:
+            versions = self.repo.all_versions()
+        try:
+            return await statistics.collect(self.dispatcher.redis, versions)
+        except REDIS_DOWN as exc:
+            raise unavailable(self.settings.redis_url, exc) from None
+
+    async def repository_index(self, request: Any, context: Any) -> Any:
+        if request.repository_name:
+            raise NotFound(f"repository {request.repository_name!r} is unknown; Ferry serves one (use '')")
+        models = []
+        for mv in self.repo.all_versions():
+            live = await self.live.workers_for(mv)
+            if request.ready and not live:
+                continue
+            models.append(pb.RepositoryIndexResponse.ModelIndex(
+                name=mv.name, version=str(mv.version),
+                state="READY" if live else "UNAVAILABLE",
+                reason="" if live else f"no live worker in pool {mv.settings.pool!r}",
+            ))
+        return pb.RepositoryIndexResponse(models=models)
+
+    async def repository_model_load(self, request: Any, context: Any) -> Any:
+        raise Unimplemented("explicit model control is not supported: Ferry serves the repository it started with")
+
+    async def repository_model_unload(self, request: Any, context: Any) -> Any:
+        raise Unimplemented("explicit model control is not supported: Ferry serves the repository it started with")
+
+    # --- inference ----------------------------------------------------------------
+
+    def _timeout(self, context: Any) -> float:
+        remaining = context.time_remaining()
+        limit = self.settings.request_timeout_s
+        return limit if remaining is None else min(remaining, limit)
+
+    async def _infer(self, raw: bytes, timeout_s: float) -> tuple[Any, bytes]:
+        try:
+            req = pb.ModelInferRequest.FromString(raw)
+        except Exception:
+            raise InvalidArgument("request is not a valid ModelInferRequest message") from None
+        mv: ModelVersion = self.repo.get(req.model_name, req.model_version)
+        rows = self.validators[mv.key].rows(req)
+        await self.live.require(mv)
+        code, body = await self.dispatcher.submit(mv, rows, raw, timeout_s)
+        return req, raise_for_reply(code, body)
+
+    async def model_infer(self, raw: bytes, context: Any) -> bytes:
+        _, body = await self._infer(raw, self._timeout(context))
+        return body
+
+    async def model_stream_infer(self, requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+        """Answer each streamed request as soon as it completes (not in order), like Triton."""
+        out: asyncio.Queue[bytes | None] = asyncio.Queue()
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def one(raw: bytes) -> None:
+            try:
+                _, body = await self._infer(raw, self._timeout(context))
+                out.put_nowait(_STREAM_RESPONSE_TAG + _varint(len(body)) + body)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                _, message = describe(exc, "ModelStreamInfer")
+                out.put_nowait(self._stream_error(raw, message))
+
+        async def reader() -> None:
+            try:
+                async for raw in requests:
+                    t = asyncio.create_task(one(raw))
+                    tasks.add(t)
+                    t.add_done_callback(tasks.discard)
+                if tasks:
+                    await asyncio.gather(*list(tasks), return_exceptions=True)
+            finally:
+                out.put_nowait(None)
+
+        read_task = asyncio.create_task(reader())
+        try:
+            while (item := await out.get()) is not None:
+                yield item
+        finally:
+            read_task.cancel()
+            for t in list(tasks):
+                t.cancel()
+            await asyncio.gather(read_task, *tasks, return_exceptions=True)
+
+    @staticmethod
+    def _stream_error(raw: bytes, message: str) -> bytes:
+        resp = pb.ModelStreamInferResponse(error_message=message)
+        try:
+            req = pb.ModelInferRequest.FromString(raw)
+            resp.infer_response.model_name = req.model_name
+            resp.infer_response.model_version = req.model_version
+            resp.infer_response.id = req.id
+        except Exception:
+            pass  # undecodable request: the message alone says so
+        return bytes(resp.SerializeToString())
+
+
+UNARY_RPCS: dict[str, tuple[str, Any, Any]] = {
+    # rpc name: (method, request message, response message)
+    "ServerLive": ("server_live", pb.ServerLiveRequest, pb.ServerLiveResponse),
+    "ServerReady": ("server_ready", pb.ServerReadyRequest, pb.ServerReadyResponse),
+    "ModelReady": ("model_ready", pb.ModelReadyRequest, pb.ModelReadyResponse),
+    "ServerMetadata": ("server_metadata", pb.ServerMetadataRequest, pb.ServerMetadataResponse),
+    "ModelMetadata": ("model_metadata", pb.ModelMetadataRequest, pb.ModelMetadataResponse),
+    "ModelConfig": ("model_config", pb.ModelConfigRequest, pb.ModelConfigResponse),
+    "ModelStatistics": ("model_statistics", pb.ModelStatisticsRequest, pb.ModelStatisticsResponse),
+    "RepositoryIndex": ("repository_index", pb.RepositoryIndexRequest, pb.RepositoryIndexResponse),
+    "RepositoryModelLoad": ("repository_model_load", pb.RepositoryModelLoadRequest, pb.RepositoryModelLoadResponse),
+    "RepositoryModelUnload": (
+        "repository_model_unload", pb.RepositoryModelUnloadRequest, pb.RepositoryModelUnloadResponse
+    ),
+}
+
+
+def method_handlers(service: InferenceService) -> dict[str, grpc.RpcMethodHandler]:
+    from gateway.status import unary
+
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for rpc, (method, req_cls, resp_cls) in UNARY_RPCS.items():
+        handlers[rpc] = grpc.unary_unary_rpc_method_handler(
+            unary(rpc, getattr(service, method)),
+            request_deserializer=req_cls.FromString,
+            response_serializer=resp_cls.SerializeToString,
+        )
+    # Bytes in, bytes out: see the module docstring.
+    handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(unary("ModelInfer", service.model_infer))
+    handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(service.model_stream_infer)
+    return handlers

@@ -1,0 +1,1 @@
+"""Ferry protobuf/gRPC definitions (KServe v2 + Triton extensions) and generated code."""

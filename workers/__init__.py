@@ -1,0 +1,1 @@
+"""Worker pools: processes that run batches on one kind of hardware."""

@@ -1,0 +1,202 @@
+"""The worker process: take batches from its pool's stream, run them, reply, acknowledge.
+
+Two tasks overlap I/O with compute: the *reader* claims batches and runs them
+on a single compute thread (the model releases the GIL), the *writer* sends
+each batch's replies, statistics and acknowledgement in one pipelined round
+trip.  A batch is acknowledged (XACK + XDEL) only in the same round trip that
+writes its replies, after them.
+
+When a worker falls behind, small batches queue on the pool stream; the
+reader then claims up to ``coalesce`` of them at once and merges those of the
+same model into one run (never over max_batch_size), so batch size grows with
+load even when the broker dispatches immediately.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from broker import keys
+from broker.messages import Member, Stat, encode_reply, parse_batch
+from ferry.errors import Code
+from ferry.redis_conn import REDIS_DOWN, connect
+from ferry.repository import ModelVersion, Repository
+from ferry.settings import WorkerSettings
+from workers.batch import BatchResult, run_batch
+from workers.runtime import Runtime, load_runtime
+
+log = logging.getLogger("ferry.worker")
+
+READ_BLOCK_MS = 200
+
+
+class _Claimed:
+    __slots__ = ("entry_id", "members", "model", "rows", "version")
+
+    def __init__(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+        self.entry_id = entry_id
+        self.model, self.version, self.members = parse_batch(fields)
+        self.rows = sum(m.rows for m in self.members)
+
+
+class Worker:
+    def __init__(self, settings: WorkerSettings, repo: Repository) -> None:
+        self.settings = settings
+        self.stream = keys.pool_stream(settings.pool)
+        self.models: dict[tuple[str, int], tuple[ModelVersion, Runtime]] = {}
+        for mv in repo.all_versions():
+            if mv.settings.pool == settings.pool:
+                self.models[mv.key] = (mv, load_runtime(settings, mv))
+        self.redis = connect(settings.redis_url, settings.redis_timeout_s, blocking_s=READ_BLOCK_MS / 1000)
+        self._stopping = asyncio.Event()
+        self._carry: list[_Claimed] = []
+        self._compute = ThreadPoolExecutor(1, thread_name_prefix="ferry-compute")
+        self._outbox: asyncio.Queue[tuple[list[bytes], dict[tuple[str, int], BatchResult]]] = asyncio.Queue(2)
+        self.batches_run = 0
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        try:
+            await self.redis.xgroup_create(self.stream, keys.WORKER_GROUP, id="0", mkstream=True)
+        except Exception as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        heartbeat = asyncio.create_task(self._heartbeat(), name="heartbeat")
+        writer = asyncio.create_task(self._writer(), name="writer")
+        log.info("worker %s serving pool %s: %s", self.settings.worker_id, self.settings.pool,
+                 ", ".join(f"{n} v{v}" for n, v in self.models) or "no models")
+        try:
+            while not self._stopping.is_set() or self._carry:
+                try:
+                    claimed = await self._claim()
+                except REDIS_DOWN as exc:
+                    log.warning("redis unreachable (%s); retrying", exc)
+                    await asyncio.sleep(0.2)
+                    continue
+                if claimed:
+                    await self._execute(claimed)
+            await self._outbox.join()
+        finally:
+            writer.cancel()
+            heartbeat.cancel()
+            await asyncio.gather(writer, heartbeat, return_exceptions=True)
+            await self._unregister()
+            self._compute.shutdown(wait=True)
+            await self.redis.aclose()
+            log.info("worker %s stopped after %d batches", self.settings.worker_id, self.batches_run)
+
+    async def _read(self, count: int, block: int | None) -> list[_Claimed]:
+        resp = await self.redis.xreadgroup(
+            keys.WORKER_GROUP, self.settings.worker_id, {self.stream: ">"}, count=count, block=block
+        )
+        return [_Claimed(eid, fields) for _, entries in resp or () for eid, fields in entries if fields]
+
+    async def _claim(self) -> list[_Claimed]:
+        """Claimed batch entries of one model that together fit in one run."""
+        if not self._carry:
+            if self._stopping.is_set():
+                return []
+            self._carry = await self._read(1, READ_BLOCK_MS)
+            if not self._carry:
+                return []
+        first = self._carry[0]
+        mv_rt = self.models.get((first.model, first.version))
+        limit = mv_rt[0].settings.max_batch_size if mv_rt else 0
+        if limit and first.rows < limit and self.settings.coalesce > len(self._carry):
+            self._carry += await self._read(self.settings.coalesce - len(self._carry), None)
+        take, keep, rows = [first], [], first.rows
+        for c in self._carry[1:]:
+            if limit and (c.model, c.version) == (first.model, first.version) and rows + c.rows <= limit:
+                take.append(c)
+                rows += c.rows
+            else:
+                keep.append(c)
+        self._carry = keep
+        return take
+
+    async def _execute(self, claimed: list[_Claimed]) -> None:
+        first = claimed[0]
+        ids = [c.entry_id for c in claimed]
+        members: list[Member] = [m for c in claimed for m in c.members]
+        mv_rt = self.models.get((first.model, first.version))
+        if mv_rt is None:
+            result = BatchResult()
+            msg = f"worker {self.settings.worker_id} does not serve model {first.model!r} v{first.version}"
+            result.replies = [(m.reply, encode_reply(m.corr, Code.UNAVAILABLE, msg.encode())) for m in members]
+            await self._outbox.put((ids, {(first.model, first.version): result}))
+            return
+        mv, runtime = mv_rt
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(self._compute, run_batch, mv, runtime, members)
+        self.batches_run += 1
+        await self._outbox.put((ids, {mv.key: result}))
+
+    async def _writer(self) -> None:
+        while True:
+            ids, results = await self._outbox.get()
+            pipe = self.redis.pipeline(transaction=False)
+            by_key: dict[str, list[bytes]] = defaultdict(list)
+            for (name, version), result in results.items():
+                for key, reply in result.replies:
+                    by_key[key].append(reply)
+                stats_key = keys.stats_hash(name, version)
+                for field, value in result.stats.items():
+                    if field == Stat.LAST_INFERENCE_MS:
+                        pipe.hset(stats_key, field, value)
+                    else:
+                        pipe.hincrby(stats_key, field, value)
+            for key, replies in by_key.items():
+                pipe.rpush(key, *replies)
+                pipe.pexpire(key, keys.REPLY_TTL_MS)
+            pipe.xack(self.stream, keys.WORKER_GROUP, *ids)
+            pipe.xdel(self.stream, *ids)
+            delay = 0.05
+            while True:
+                try:
+                    await pipe.execute()
+                    break
+                except REDIS_DOWN as exc:
+                    # The batch stays pending until its replies are written: retry, never drop.
+                    log.warning("redis unreachable writing replies (%s); retrying", exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+            self._outbox.task_done()
+
+    def _description(self) -> bytes:
+        return json.dumps({
+            "pool": self.settings.pool,
+            "host": socket.gethostname(),
+            "models": [[n, v] for n, v in self.models],
+        }).encode()
+
+    async def _heartbeat(self) -> None:
+        info = self._description()
+        while True:
+            now_ms = int(time.time() * 1000)
+            try:
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.zadd(keys.WORKERS, {self.settings.worker_id: now_ms + keys.HEARTBEAT_TTL_MS})
+                pipe.set(keys.worker_info(self.settings.worker_id), info, px=keys.HEARTBEAT_TTL_MS)
+                pipe.zremrangebyscore(keys.WORKERS, "-inf", now_ms)
+                await pipe.execute()
+            except REDIS_DOWN as exc:
+                log.warning("heartbeat failed: %s", exc)
+            await asyncio.sleep(keys.HEARTBEAT_INTERVAL_S)
+
+    async def _unregister(self) -> None:
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zrem(keys.WORKERS, self.settings.worker_id)
+            pipe.delete(keys.worker_info(self.settings.worker_id))
+            await pipe.execute()
+        except REDIS_DOWN as exc:
+            log.warning("could not unregister (the heartbeat will expire): %s", exc)
