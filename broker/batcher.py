@@ -1,6 +1,8 @@
 """Batch formation: a pure, clock-injected queue per model version.
 
-The rules (Triton's dynamic batcher, by rows):
+The queue holds request groups (see broker.messages); a group is never split,
+and gateways keep each group within max_batch_size rows.  The rules (Triton's
+dynamic batcher, by rows):
 
 * A batch never holds more than ``max_batch_size`` rows; requests keep FIFO order.
 * A batch leaves at once when it is full: it reached ``max_batch_size``, the
@@ -18,13 +20,13 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from broker.messages import Member
+from broker.messages import Group
 
 
 @dataclass(slots=True)
 class Pending:
     entry_id: bytes
-    member: Member
+    group: Group
     arrived: float  # monotonic seconds
 
 
@@ -55,11 +57,11 @@ class ModelQueue:
         while q:
             rows, n = 0, 0
             for p in q:
-                if rows + p.member.rows > self.max_batch_size:
+                if rows + p.group.rows > self.max_batch_size:
                     break
-                rows += p.member.rows
+                rows += p.group.rows
                 n += 1
-            n = max(n, 1)  # the gateway guarantees rows <= max_batch_size; never stall
+            n = max(n, 1)  # gateways keep groups <= max_batch_size; never stall
             full = rows >= self._full_at or n < len(q)
             if not (full or drain or now - q[0].arrived >= self.max_delay_s):
                 break

@@ -14,11 +14,13 @@ a cluster too)::
                                             XDELed once every member has its reply,
                                             so XLEN is the pool's backlog (pending +
                                             undelivered) and KEDA can scale on it.
-    ferry:{g:<gateway>}:replies             LIST    replies for the calls one gateway
-                                            holds. Workers RPUSH and re-arm a TTL;
-                                            the gateway pops in bulk, so a live
-                                            gateway keeps it empty and a dead one's
-                                            list expires.
+    ferry:{g:<gateway>}:replies             LIST    reply bundles for the calls one gateway
+                                            holds, pushed by workers only while the
+                                            gateway is alive (broker.scripts.PUSH_REPLY)
+                                            and popped in bulk by the gateway.
+    ferry:{g:<gateway>}:alive               STRING  the gateway's heartbeat (TTL). Deleted
+                                            on a clean stop, so no reply can recreate
+                                            the list of a gateway that is gone.
     ferry:workers                           ZSET    live workers: member = worker id,
                                             score = heartbeat expiry (ms since epoch).
     ferry:worker:<id>                       STRING  JSON description of a worker (pool,
@@ -57,6 +59,10 @@ def pool_stream(pool: str) -> str:
 
 def reply_list(gateway_id: str) -> str:
     return f"{PREFIX}:{{g:{gateway_id}}}:replies"
+
+
+def gateway_alive(gateway_id: str) -> str:
+    return f"{PREFIX}:{{g:{gateway_id}}}:alive"
 
 
 def worker_info(worker_id: str) -> str:

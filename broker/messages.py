@@ -1,111 +1,135 @@
 """Layouts of the three messages that cross Redis.
 
-1. Request entry (gateway -> ``request_stream``), fields::
+Requests travel in *groups*: whatever one gateway received for one model
+version between two of its Redis round trips (at most max_batch_size rows),
+so Redis, the broker and the worker pay per group, not per request.
 
-       r  reply list key of the gateway holding the call
-       c  correlation number, unique within that gateway (ASCII)
-       n  rows the request contributes to a batch (ASCII; 1 for unbatched models)
-       t  enqueue time, ns since the epoch (ASCII), for queue statistics
-       p  the client's ModelInferRequest exactly as received on the wire
+1. Request group (gateway -> ``request_stream``), fields::
 
-   The gateway validates the request but forwards the client's own bytes: it
+       r        id of the gateway holding the calls (replies go to keys.reply_list(r))
+       h        JSON ``[enqueue ns, [corr, rows, corr, rows, ...]]``
+       0..k-1   each request's ModelInferRequest exactly as received on the wire
+
+   The gateway validates requests but forwards the clients' own bytes: it
    never re-encodes tensors.
 
-2. Batch entry (broker -> ``pool_stream``), fields::
+2. Batch (broker -> ``pool_stream``), fields::
 
-       m  model name            v  model version (ASCII)
-       h  JSON list of [reply key, correlation, rows, enqueue ns] per member
-       0 .. k-1  each member's ModelInferRequest bytes, in ``h`` order
+       m        model name          v   model version (ASCII)
+       h        JSON ``[[gateway id, enqueue ns, [corr, rows, ...]], ...]`` per group
+       0..n-1   the members' request bytes, in header order across groups
 
    Payloads stay separate fields, so forming a batch copies no tensor bytes
-   in the broker; the worker concatenates along the batch dimension once.
+   in the broker; the worker joins them along the batch dimension once.
 
-3. Reply (worker -> ``reply_list``): ``<u64 correlation><u8 status code>`` then,
-   for status OK, the serialized ModelInferResponse (the gateway hands these
-   bytes to gRPC untouched) or, for an error, the UTF-8 message.
+3. Reply bundle (worker -> ``reply_list``, via scripts.PUSH_REPLY): every
+   reply of one batch for one gateway, each ``<u32 length><u64 corr><u8 status code><body>`` where body
+   is, for status OK, the serialized ModelInferResponse (the gateway hands
+   these bytes to gRPC untouched) or, for an error, the UTF-8 message.
 """
 
 from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-REQ_REPLY = b"r"
-REQ_CORR = b"c"
-REQ_ROWS = b"n"
-REQ_ENQUEUED = b"t"
-REQ_PAYLOAD = b"p"
+F_REPLY = b"r"
+F_HEADER = b"h"
+F_MODEL = b"m"
+F_VERSION = b"v"
 
-BATCH_MODEL = b"m"
-BATCH_VERSION = b"v"
-BATCH_MEMBERS = b"h"
-
-_REPLY_HEAD = struct.Struct("<QB")
+_REPLY_HEAD = struct.Struct("<IQB")
 
 Fields = Mapping[bytes, bytes]
+_FIELD_NAMES = [b"%d" % i for i in range(4096)]
+
+
+def _field(i: int) -> bytes:
+    return _FIELD_NAMES[i] if i < len(_FIELD_NAMES) else b"%d" % i
 
 
 @dataclass(slots=True)
 class Member:
-    """One request inside the broker and the worker."""
+    """One request, as the worker sees it."""
 
-    reply: str
+    gateway: str
     corr: int
     rows: int
     enqueued_ns: int
     payload: bytes
 
 
-def request_fields(reply: str, corr: int, rows: int, enqueued_ns: int, payload: bytes) -> dict[bytes, bytes]:
-    return {
-        REQ_REPLY: reply.encode(),
-        REQ_CORR: b"%d" % corr,
-        REQ_ROWS: b"%d" % rows,
-        REQ_ENQUEUED: b"%d" % enqueued_ns,
-        REQ_PAYLOAD: payload,
-    }
+@dataclass(slots=True)
+class Group:
+    """One request group, as the broker sees it: never split, never parsed deeper."""
+
+    gateway: str
+    enqueued_ns: int
+    members: list[int]  # flat [corr, rows, corr, rows, ...]
+    payloads: list[bytes]
+    rows: int
 
 
-def parse_request(fields: Fields) -> Member:
-    return Member(
-        reply=fields[REQ_REPLY].decode(),
-        corr=int(fields[REQ_CORR]),
-        rows=int(fields[REQ_ROWS]),
-        enqueued_ns=int(fields[REQ_ENQUEUED]),
-        payload=fields[REQ_PAYLOAD],
+def group_fields(gateway: str, enqueued_ns: int, requests: Sequence[tuple[int, int, bytes]]) -> dict[bytes, bytes]:
+    """Fields of one request group; ``requests`` are (corr, rows, payload)."""
+    flat: list[int] = []
+    fields: dict[bytes, bytes] = {F_REPLY: gateway.encode()}
+    for i, (corr, rows, payload) in enumerate(requests):
+        flat += (corr, rows)
+        fields[_field(i)] = payload
+    fields[F_HEADER] = json.dumps([enqueued_ns, flat], separators=(",", ":")).encode()
+    return fields
+
+
+def parse_group(fields: Fields) -> Group:
+    enqueued_ns, flat = json.loads(fields[F_HEADER])
+    n = len(flat) // 2
+    return Group(
+        gateway=fields[F_REPLY].decode(),
+        enqueued_ns=enqueued_ns,
+        members=flat,
+        payloads=[fields[_field(i)] for i in range(n)],
+        rows=sum(flat[1::2]),
     )
 
 
-def batch_fields(model: str, version: int, members: list[Member]) -> dict[bytes, bytes]:
-    head = [[m.reply, m.corr, m.rows, m.enqueued_ns] for m in members]
-    fields: dict[bytes, bytes] = {
-        BATCH_MODEL: model.encode(),
-        BATCH_VERSION: b"%d" % version,
-        BATCH_MEMBERS: json.dumps(head, separators=(",", ":")).encode(),
-    }
-    for i, m in enumerate(members):
-        fields[b"%d" % i] = m.payload
+def batch_fields(model: str, version: int, groups: Sequence[Group]) -> dict[bytes, bytes]:
+    fields: dict[bytes, bytes] = {F_MODEL: model.encode(), F_VERSION: b"%d" % version}
+    head = []
+    i = 0
+    for g in groups:
+        head.append([g.gateway, g.enqueued_ns, g.members])
+        for p in g.payloads:
+            fields[_field(i)] = p
+            i += 1
+    fields[F_HEADER] = json.dumps(head, separators=(",", ":")).encode()
     return fields
 
 
 def parse_batch(fields: Fields) -> tuple[str, int, list[Member]]:
-    head = json.loads(fields[BATCH_MEMBERS])
-    members = [
-        Member(reply=r, corr=c, rows=n, enqueued_ns=t, payload=fields[b"%d" % i])
-        for i, (r, c, n, t) in enumerate(head)
-    ]
-    return fields[BATCH_MODEL].decode(), int(fields[BATCH_VERSION]), members
+    members: list[Member] = []
+    i = 0
+    for gateway, enqueued_ns, flat in json.loads(fields[F_HEADER]):
+        for j in range(0, len(flat), 2):
+            members.append(Member(gateway, flat[j], flat[j + 1], enqueued_ns, fields[_field(i)]))
+            i += 1
+    return fields[F_MODEL].decode(), int(fields[F_VERSION]), members
 
 
 def encode_reply(corr: int, code: int, body: bytes) -> bytes:
-    return _REPLY_HEAD.pack(corr, code) + body
+    return _REPLY_HEAD.pack(len(body), corr, code) + body
 
 
-def decode_reply(raw: bytes) -> tuple[int, int, bytes]:
-    corr, code = _REPLY_HEAD.unpack_from(raw)
-    return corr, code, raw[_REPLY_HEAD.size :]
+def iter_replies(bundle: bytes) -> Iterator[tuple[int, int, bytes]]:
+    """(corr, code, body) for each reply in a bundle."""
+    pos, end, size = 0, len(bundle), _REPLY_HEAD.size
+    while pos < end:
+        length, corr, code = _REPLY_HEAD.unpack_from(bundle, pos)
+        pos += size
+        yield corr, code, bundle[pos : pos + length]
+        pos += length
 
 
 class Stat:

@@ -1,31 +1,36 @@
-"""The broker process: read requests from every model's stream, form batches, hand them to pools.
+"""The broker process: read request groups from every model's stream, form batches, hand them to pools.
 
-One loop, one blocking read: ``XREADGROUP`` over all request streams wakes the
-broker when requests arrive or when the earliest batching window closes,
-then every batch that is ready goes out in a single pipelined round trip
-(XADD to the pool stream, then XACK + XDEL of its members).  The batch is
-written before its requests are acknowledged, so a broker that dies in
-between leaves them pending rather than lost.
+Two tasks share the in-memory queues (one event loop, so no locks):
+
+* the *reader* blocks in ``XREADGROUP`` over all request streams and hands
+  out every batch that is full as soon as it is read;
+* the *timer* hands out partial batches when their window closes.  It runs on
+  the event loop's clock because Redis only wakes blocked clients on its
+  ``hz`` tick (100 ms by default), far too coarse for batching windows.
+
+A batch goes out in one pipelined round trip: XADD to the pool stream, then
+XACK + XDEL of its groups.  The batch is written before its requests are
+acknowledged, so a broker that dies in between leaves them pending, not lost.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from typing import Any
 
 from broker import keys
 from broker.batcher import ModelQueue, Pending
-from broker.messages import batch_fields, parse_request
+from broker.messages import batch_fields, parse_group
 from ferry.redis_conn import REDIS_DOWN, connect
 from ferry.repository import ModelVersion, Repository
 from ferry.settings import BrokerSettings
 
 log = logging.getLogger("ferry.broker")
 
-IDLE_BLOCK_MS = 200  # how often an idle broker looks at its stop flag
+IDLE_BLOCK_MS = 200  # how often an idle reader looks at its stop flag
+TIMER_SLACK_S = 0.001
 
 
 async def ensure_group(redis: Any, stream: str, group: str) -> None:
@@ -43,11 +48,12 @@ class Broker:
         self.repo = repo
         self.redis = connect(settings.redis_url, settings.redis_timeout_s, blocking_s=IDLE_BLOCK_MS / 1000)
         self._stopping = asyncio.Event()
+        self._queued = asyncio.Event()
         self._queues: dict[bytes, tuple[ModelVersion, ModelQueue]] = {}
         for mv in repo.all_versions():
             s = mv.settings
             delay_us = s.max_queue_delay_us
-            if not s.config.dynamic_batching.max_queue_delay_microseconds and settings.max_queue_delay_us >= 0:
+            if not delay_us and settings.max_queue_delay_us >= 0:
                 delay_us = settings.max_queue_delay_us
             queue = ModelQueue(s.max_batch_size, delay_us / 1e6, s.preferred_batch_sizes)
             self._queues[keys.request_stream(mv.name, mv.version).encode()] = (mv, queue)
@@ -62,43 +68,63 @@ class Broker:
         for pool in {mv.settings.pool for mv, _ in self._queues.values()}:
             await ensure_group(self.redis, keys.pool_stream(pool), keys.WORKER_GROUP)
 
-    def _block_ms(self, now: float) -> int:
-        due = [d for _, q in self._queues.values() if (d := q.next_due()) is not None]
-        if not due:
-            return IDLE_BLOCK_MS
-        wait = min(due) - now
-        return max(1, min(IDLE_BLOCK_MS, math.ceil(wait * 1000)))
-
     async def run(self) -> None:
         await self.setup()
         log.info("broker %s serving %d model version(s)", self.settings.broker_id, len(self._queues))
+        timer = asyncio.create_task(self._timer(), name="timer")
+        try:
+            await self._reader()
+        finally:
+            timer.cancel()
+            await asyncio.gather(timer, return_exceptions=True)
+            # Graceful stop: what was read goes out now rather than waiting for a reclaim.
+            try:
+                await self._dispatch(time.monotonic(), drain=True)
+            except REDIS_DOWN as exc:
+                log.error("could not hand over queued requests on shutdown: %s", exc)
+            await self.redis.aclose()
+            log.info("broker %s stopped after %d batches", self.settings.broker_id, self.batches_sent)
+
+    async def _reader(self) -> None:
         streams = {s: ">" for s in self._queues}
         backoff = 0.05
         while not self._stopping.is_set():
             try:
-                block = self._block_ms(time.monotonic())
                 resp = await self.redis.xreadgroup(
                     keys.BROKER_GROUP, self.settings.broker_id, streams,
-                    count=self.settings.read_count, block=block,
+                    count=self.settings.read_count, block=IDLE_BLOCK_MS,
                 )
                 now = time.monotonic()
                 for stream, entries in resp or ():
                     _, queue = self._queues[stream]
                     for entry_id, fields in entries:
-                        queue.add(Pending(entry_id, parse_request(fields), now))
-                await self._dispatch(now, drain=False)
+                        queue.add(Pending(entry_id, parse_group(fields), now))
+                if resp:
+                    self._queued.set()
+                    await self._dispatch(now, drain=False)
                 backoff = 0.05
             except REDIS_DOWN as exc:
                 log.warning("redis unreachable (%s); retrying in %.2fs", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
-        # Graceful stop: what was read goes out now rather than waiting for another broker.
-        try:
-            await self._dispatch(time.monotonic(), drain=True)
-        except REDIS_DOWN as exc:
-            log.error("could not hand over queued requests on shutdown: %s", exc)
-        await self.redis.aclose()
-        log.info("broker %s stopped after %d batches", self.settings.broker_id, self.batches_sent)
+
+    async def _timer(self) -> None:
+        while True:
+            due = [d for _, q in self._queues.values() if (d := q.next_due()) is not None]
+            if not due:
+                self._queued.clear()
+                await self._queued.wait()
+                continue
+            wait = min(due) - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            try:
+                # Event-loop timers may fire up to a millisecond early; without the
+                # slack the timer would spin until the window really closes.
+                await self._dispatch(time.monotonic() + TIMER_SLACK_S, drain=False)
+            except REDIS_DOWN as exc:
+                log.warning("redis unreachable dispatching (%s)", exc)
+                await asyncio.sleep(0.05)
 
     async def _dispatch(self, now: float, *, drain: bool) -> None:
         pipe = None
@@ -108,7 +134,7 @@ class Broker:
                     pipe = self.redis.pipeline(transaction=False)
                 ids = [p.entry_id for p in batch]
                 pipe.xadd(keys.pool_stream(mv.settings.pool),
-                          batch_fields(mv.name, mv.version, [p.member for p in batch]))
+                          batch_fields(mv.name, mv.version, [p.group for p in batch]))
                 pipe.xack(stream, keys.BROKER_GROUP, *ids)
                 pipe.xdel(stream, *ids)
                 self.batches_sent += 1

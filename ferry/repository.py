@@ -16,7 +16,7 @@ from ferry.errors import ConfigError, NotFound
 from ferry.model_config import MODEL_NAME_RE, ModelSettings, load_model_settings, parse_config_text
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # one instance per version: hash by identity
 class ModelVersion:
     name: str
     version: int

@@ -1,11 +1,13 @@
 """Queue requests on Redis and match replies back to waiting calls.
 
-Two long-lived tasks keep Redis round trips per request below one:
+Two long-lived tasks keep Redis work per request far below one round trip:
 
-* the *submitter* sends every request queued since its last round trip as one
-  pipeline of XADDs (under load, dozens of requests per round trip);
-* the *listener* pops this gateway's reply list in bulk (LPOP ... COUNT) and
-  resolves each call's future by correlation number.
+* the *submitter* sends everything queued since its last round trip in one
+  pipeline, as one request group per model version (split at
+  max_batch_size rows), so under load one XADD carries dozens of requests;
+* the *listener* pops this gateway's reply list in bulk (LPOP ... COUNT; each
+  element is a bundle of replies) and resolves each call's future by
+  correlation number.
 
 A reply for a call that already gave up (deadline, cancel) finds no future
 and is dropped and counted, so late replies never leak.
@@ -17,11 +19,12 @@ import asyncio
 import itertools
 import logging
 import time
+from collections import defaultdict
 from typing import Any
 
 from broker import keys
-from broker.messages import decode_reply, request_fields
-from ferry.errors import DeadlineExceeded, Unavailable
+from broker.messages import group_fields, iter_replies
+from ferry.errors import DeadlineExceeded, FerryError, Unavailable
 from ferry.redis_conn import REDIS_DOWN, connect, unavailable
 from ferry.repository import ModelVersion
 from ferry.settings import GatewaySettings
@@ -29,81 +32,120 @@ from ferry.settings import GatewaySettings
 log = logging.getLogger("ferry.gateway")
 
 LISTEN_BLOCK_S = 1.0
-POP_COUNT = 1024
+POP_COUNT = 256
 
 Reply = tuple[int, bytes]
+_Queued = tuple[int, int, bytes, "asyncio.Future[Reply]"]  # corr, rows, payload, future
+
+
+def _fail(fut: asyncio.Future[Reply], err: FerryError) -> None:
+    if not fut.done():
+        fut.set_exception(err)
+
+
+def _expire(fut: asyncio.Future[Reply], mv: ModelVersion, timeout_s: float) -> None:
+    if not fut.done():
+        fut.set_exception(DeadlineExceeded(f"no answer from model {mv.name!r} v{mv.version} within {timeout_s:.3f}s"))
 
 
 class Dispatcher:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
         self.reply_key = keys.reply_list(settings.gateway_id)
+        self.alive_key = keys.gateway_alive(settings.gateway_id)
         self.redis = connect(settings.redis_url, settings.redis_timeout_s)
         self._listen_redis = connect(settings.redis_url, settings.redis_timeout_s, blocking_s=LISTEN_BLOCK_S)
         self._pending: dict[int, asyncio.Future[Reply]] = {}
         self._corr = itertools.count(1)
-        self._outbox: list[tuple[str, dict[bytes, bytes], asyncio.Future[Reply]]] = []
+        self._outbox: dict[ModelVersion, list[_Queued]] = defaultdict(list)
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.late_replies = 0
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        await self._heartbeat_once()
         self._tasks = [
             asyncio.create_task(self._submitter(), name="submitter"),
             asyncio.create_task(self._listener(), name="listener"),
+            asyncio.create_task(self._heartbeat(), name="heartbeat"),
         ]
+
+    async def _heartbeat_once(self) -> None:
+        try:
+            await self.redis.set(self.alive_key, b"1", px=keys.HEARTBEAT_TTL_MS)
+        except REDIS_DOWN as exc:
+            log.warning("gateway heartbeat failed: %s", exc)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(keys.HEARTBEAT_INTERVAL_S)
+            await self._heartbeat_once()
 
     async def close(self) -> None:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         try:
+            # Alive first: from then on workers drop replies instead of pushing them.
+            await self.redis.delete(self.alive_key)
             await self.redis.delete(self.reply_key)
         except REDIS_DOWN:
-            pass  # the list's TTL removes it
+            pass  # both expire on their own
         await self.redis.aclose()
         await self._listen_redis.aclose()
 
     async def submit(self, mv: ModelVersion, rows: int, payload: bytes, timeout_s: float) -> Reply:
         """Queue one validated request; wait for its (code, body) reply."""
         corr = next(self._corr)
-        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Reply] = loop.create_future()
         self._pending[corr] = fut
-        fields = request_fields(self.reply_key, corr, rows, time.time_ns(), payload)
-        self._outbox.append((keys.request_stream(mv.name, mv.version), fields, fut))
+        self._outbox[mv].append((corr, rows, payload, fut))
         self._wake.set()
+        timer = loop.call_later(timeout_s, _expire, fut, mv, timeout_s)
         try:
-            async with asyncio.timeout(timeout_s):
-                return await fut
-        except TimeoutError:
-            raise DeadlineExceeded(
-                f"no answer from model {mv.name!r} v{mv.version} within {timeout_s:.3f}s"
-            ) from None
+            return await fut
         finally:
-            self._pending.pop(corr, None)
+            timer.cancel()
+            del self._pending[corr]
+
+    def _groups(self, mv: ModelVersion, queued: list[_Queued]) -> list[list[_Queued]]:
+        limit = mv.settings.max_batch_size
+        if limit == 0:
+            return [[q] for q in queued]
+        groups: list[list[_Queued]] = [[]]
+        rows = 0
+        for q in queued:
+            if rows + q[1] > limit:
+                groups.append([])
+                rows = 0
+            groups[-1].append(q)
+            rows += q[1]
+        return groups
 
     async def _submitter(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            batch, self._outbox = self._outbox, []
-            if not batch:
-                continue
+            outbox, self._outbox = self._outbox, defaultdict(list)
             pipe = self.redis.pipeline(transaction=False)
-            for stream, fields, _ in batch:
-                pipe.xadd(stream, fields)
+            now_ns = time.time_ns()
+            futures = []
+            for mv, queued in outbox.items():
+                stream = keys.request_stream(mv.name, mv.version)
+                for group in self._groups(mv, queued):
+                    pipe.xadd(stream, group_fields(self.settings.gateway_id, now_ns, [(c, r, p) for c, r, p, _ in group]))
+                futures += [q[3] for q in queued]
             try:
                 await pipe.execute()
-            except REDIS_DOWN as exc:
-                err = unavailable(self.settings.redis_url, exc)
-                for _, _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(err)
             except Exception as exc:
-                log.exception("queueing %d requests failed", len(batch))
-                for _, _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(Unavailable(f"could not queue the request: {exc}"))
+                if isinstance(exc, REDIS_DOWN):
+                    err: FerryError = unavailable(self.settings.redis_url, exc)
+                else:
+                    log.exception("queueing %d requests failed", len(futures))
+                    err = Unavailable(f"could not queue the request: {exc}")
+                for fut in futures:
+                    _fail(fut, err)
 
     async def _listener(self) -> None:
         # LPOP with a count drains everything queued in one round trip; only an
@@ -113,10 +155,10 @@ class Dispatcher:
         redis = self._listen_redis
         while True:
             try:
-                items: Any = await redis.lpop(self.reply_key, POP_COUNT)
-                if not items:
+                bundles: Any = await redis.lpop(self.reply_key, POP_COUNT)
+                if not bundles:
                     popped = await redis.blpop([self.reply_key], LISTEN_BLOCK_S)
-                    items = [popped[1]] if popped else ()
+                    bundles = [popped[1]] if popped else ()
                 backoff = 0.05
             except REDIS_DOWN as exc:
                 log.warning("reply listener: redis unreachable (%s); retrying in %.2fs", exc, backoff)
@@ -124,10 +166,10 @@ class Dispatcher:
                 backoff = min(backoff * 2, 2.0)
                 continue
             pending = self._pending
-            for raw in items:
-                corr, code, body = decode_reply(raw)
-                fut = pending.get(corr)
-                if fut is None or fut.done():
-                    self.late_replies += 1
-                else:
-                    fut.set_result((code, body))
+            for bundle in bundles:
+                for corr, code, body in iter_replies(bundle):
+                    fut = pending.get(corr)
+                    if fut is None or fut.done():
+                        self.late_replies += 1
+                    else:
+                        fut.set_result((code, body))

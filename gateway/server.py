@@ -42,7 +42,7 @@ async def serve(
     on_started: Callable[[int], None] | None = None,
 ) -> None:
     dispatcher = Dispatcher(settings)
-    dispatcher.start()
+    await dispatcher.start()
     service = InferenceService(settings, repo, dispatcher)
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -73,5 +73,6 @@ async def serve(
         await health_servicer.enter_graceful_shutdown()
         # Calls in flight finish (their replies still arrive); new ones are refused.
         await server.stop(settings.grace_s)
+        await service.live.close()
         await dispatcher.close()
         log.info("gateway %s stopped", settings.gateway_id)

@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 
 import ferry
-from ferry.errors import FerryError, InvalidArgument, NotFound, Unimplemented
+from ferry.errors import InvalidArgument, NotFound, Unimplemented
 from ferry.redis_conn import REDIS_DOWN, unavailable
 from ferry.repository import ModelVersion, Repository
 from ferry.settings import GatewaySettings
@@ -49,6 +49,7 @@ class InferenceService:
         self.repo = repo
         self.dispatcher = dispatcher
         self.live = LiveWorkers(dispatcher.redis, settings.redis_url)
+        self.live.start()
         self.validators = {mv.key: RequestValidator(mv) for mv in repo.all_versions()}
 
     # --- health and metadata -------------------------------------------------------
@@ -61,17 +62,11 @@ class InferenceService:
 
     async def ready(self) -> bool:
         """Every served model version has at least one live worker."""
-        try:
-            for mv in self.repo.all_versions():
-                if await self.live.workers_for(mv) == 0:
-                    return False
-        except FerryError:
-            return False
-        return True
+        return all(self.live.workers_for(mv) for mv in self.repo.all_versions())
 
     async def model_ready(self, request: Any, context: Any) -> Any:
         mv = self.repo.get(request.name, request.version)
-        return pb.ModelReadyResponse(ready=await self.live.workers_for(mv) > 0)
+        return pb.ModelReadyResponse(ready=self.live.workers_for(mv) > 0)
 
     async def server_metadata(self, request: Any, context: Any) -> Any:
         return pb.ServerMetadataResponse(name="ferry", version=ferry.__version__, extensions=EXTENSIONS)
@@ -117,7 +112,7 @@ class InferenceService:
             raise NotFound(f"repository {request.repository_name!r} is unknown; Ferry serves one (use '')")
         models = []
         for mv in self.repo.all_versions():
-            live = await self.live.workers_for(mv)
+            live = self.live.workers_for(mv)
             if request.ready and not live:
                 continue
             models.append(pb.RepositoryIndexResponse.ModelIndex(
@@ -147,7 +142,7 @@ class InferenceService:
             raise InvalidArgument("request is not a valid ModelInferRequest message") from None
         mv: ModelVersion = self.repo.get(req.model_name, req.model_version)
         rows = self.validators[mv.key].rows(req)
-        await self.live.require(mv)
+        self.live.require(mv)
         code, body = await self.dispatcher.submit(mv, rows, raw, timeout_s)
         return req, raise_for_reply(code, body)
 

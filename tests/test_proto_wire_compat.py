@@ -8,24 +8,31 @@ against the ``.proto`` definitions that ship inside ``tritonclient.grpc``.
 ``tritonclient.grpc`` cannot be imported in the same process as ``protos``:
 both register ``inference.*`` symbols (from differently named files) in
 protobuf's default descriptor pool, which protobuf rejects as duplicates. The
-reference descriptors are therefore exported by a subprocess and loaded into
-a private ``DescriptorPool`` here.
+pytest process uses tritonclient as a client elsewhere, so this module imports
+neither (nor anything that imports ``protos``). Each side runs in its own
+subprocess (``tests/support/proto_ours.py`` and ``tests/support/proto_triton.py``):
+they export their ``FileDescriptorProto``s, which are loaded here into two
+private ``DescriptorPool``s, and they parse, encode and decode messages whose
+bytes and text are compared here.
 """
 
 from __future__ import annotations
 
+import base64
 import importlib.util
+import json
+import select
 import subprocess
 import sys
-import textwrap
+import tempfile
 from collections.abc import Iterator
-from concurrent import futures
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import grpc
 import pytest
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
+from google.protobuf import descriptor_pb2, descriptor_pool, text_format
 from google.protobuf.descriptor import (
     Descriptor,
     EnumDescriptor,
@@ -33,9 +40,17 @@ from google.protobuf.descriptor import (
     FileDescriptor,
     ServiceDescriptor,
 )
-from google.protobuf.message import Message
 
-from protos import grpc_service_pb2, grpc_service_pb2_grpc, model_config_pb2
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SUPPORT = Path(__file__).resolve().parent / "support"
+OURS_SCRIPT = SUPPORT / "proto_ours.py"
+TRITON_SCRIPT = SUPPORT / "proto_triton.py"
+# Every subprocess gets a timeout; these are generous next to the ~1 s they take.
+SUBPROCESS_TIMEOUT_S = 30.0
+CLIENT_TIMEOUT_S = 45.0
+
+# Modules this process must never import (see the module docstring).
+FORBIDDEN_MODULES = ("protos", "tritonclient.grpc", "ferry.model_config", "gateway", "workers")
 
 OUR_FILES = ("protos/model_config.proto", "protos/grpc_service.proto")
 REF_FILES = ("model_config.proto", "grpc_service.proto")
@@ -96,27 +111,42 @@ NEWER_FIELDS = frozenset(
     }
 )
 
-_EXPORT_REFERENCE = textwrap.dedent(
-    """
-    import sys
-    from google.protobuf import descriptor_pb2
-    from tritonclient.grpc import model_config_pb2, service_pb2
 
-    out = descriptor_pb2.FileDescriptorSet()
-    for module in (model_config_pb2, service_pb2):
-        module.DESCRIPTOR.CopyToProto(out.file.add())
-    sys.stdout.buffer.write(out.SerializeToString())
-    """
-)
+def _forbidden(modules: set[str]) -> list[str]:
+    return sorted(m for m in modules if any(m == f or m.startswith(f + ".") for f in FORBIDDEN_MODULES))
 
 
-def _file_protos(files: tuple[FileDescriptor, ...]) -> list[descriptor_pb2.FileDescriptorProto]:
-    protos = []
-    for file in files:
-        proto = descriptor_pb2.FileDescriptorProto()
-        file.CopyToProto(proto)
-        protos.append(proto)
-    return protos
+@pytest.fixture(scope="module", autouse=True)
+def _imports_neither_side() -> Iterator[None]:
+    """Fail if any test here imports ``protos`` or ``tritonclient.grpc`` in-process."""
+    before = set(sys.modules)
+    yield
+    imported = _forbidden(set(sys.modules) - before)
+    assert not imported, f"tests imported {imported} into the pytest process"
+
+
+def _run(script: Path, *args: str, stdin: bytes | None = None, timeout: float = SUBPROCESS_TIMEOUT_S) -> bytes:
+    """Run a support script; return its stdout, failing the test with its stderr otherwise."""
+    cmd = [sys.executable, str(script), *args]
+    try:
+        result = subprocess.run(cmd, input=stdin, capture_output=True, cwd=REPO_ROOT, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired as exc:
+        stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
+        pytest.fail(f"{script.name} {' '.join(args)} timed out after {timeout} s; its stderr:\n{stderr}")
+    if result.returncode != 0:
+        stderr = result.stderr.decode(errors="replace")
+        pytest.fail(f"{script.name} {' '.join(args)} exited {result.returncode}; its stderr:\n{stderr}")
+    return result.stdout
+
+
+def _require_tritonclient() -> None:
+    # find_spec of the top-level package does not import tritonclient.grpc.
+    if importlib.util.find_spec("tritonclient") is None:
+        pytest.skip("tritonclient is not installed; it provides the reference protos")
+
+
+def _file_set(data: bytes) -> list[descriptor_pb2.FileDescriptorProto]:
+    return list(descriptor_pb2.FileDescriptorSet.FromString(data).file)
 
 
 def _pool_from(protos: list[descriptor_pb2.FileDescriptorProto]) -> descriptor_pool.DescriptorPool:
@@ -126,27 +156,56 @@ def _pool_from(protos: list[descriptor_pb2.FileDescriptorProto]) -> descriptor_p
     return pool
 
 
-def _our_protos() -> list[descriptor_pb2.FileDescriptorProto]:
-    return _file_protos((model_config_pb2.DESCRIPTOR, grpc_service_pb2.DESCRIPTOR))
+@pytest.fixture(scope="module")
+def our_export() -> bytes:
+    """Our FileDescriptorSet, as registered by the generated modules (serialized)."""
+    data = _run(OURS_SCRIPT, "export")
+    assert [f.name for f in _file_set(data)] == list(OUR_FILES)
+    return data
+
+
+def _our_protos(our_export: bytes) -> list[descriptor_pb2.FileDescriptorProto]:
+    """A fresh, mutable copy of our FileDescriptorProtos."""
+    return _file_set(our_export)
+
+
+@pytest.fixture(scope="module")
+def our_pool(our_export: bytes) -> descriptor_pool.DescriptorPool:
+    """Our descriptors, as registered by the generated modules, in a private pool."""
+    return _pool_from(_file_set(our_export))
 
 
 @pytest.fixture(scope="module")
 def ref_pool() -> descriptor_pool.DescriptorPool:
-    if importlib.util.find_spec("tritonclient") is None:
-        pytest.skip("tritonclient is not installed; it provides the reference protos")
-    result = subprocess.run(
-        [sys.executable, "-c", _EXPORT_REFERENCE], capture_output=True, check=False
-    )
-    assert result.returncode == 0, result.stderr.decode(errors="replace")
-    file_set = descriptor_pb2.FileDescriptorSet.FromString(result.stdout)
-    assert [f.name for f in file_set.file] == list(REF_FILES)
-    return _pool_from(list(file_set.file))
+    _require_tritonclient()
+    protos = _file_set(_run(TRITON_SCRIPT, "export"))
+    assert [f.name for f in protos] == list(REF_FILES)
+    return _pool_from(protos)
 
 
 @pytest.fixture(scope="module")
-def our_pool() -> descriptor_pool.DescriptorPool:
-    """Our descriptors, as registered by the generated modules, in a private pool."""
-    return _pool_from(_our_protos())
+def our_checks() -> dict[str, str | None]:
+    """Results of the text-format checks run against our generated classes."""
+    results: dict[str, str | None] = json.loads(_run(OURS_SCRIPT, "check"))
+    return results
+
+
+@pytest.fixture(scope="module")
+def our_encoded() -> dict[str, Any]:
+    """Messages built and serialized by our generated classes."""
+    encoded: dict[str, Any] = json.loads(_run(OURS_SCRIPT, "encode"))
+    return encoded
+
+
+@pytest.fixture(scope="module")
+def triton_decoded(our_encoded: dict[str, Any]) -> dict[str, Any]:
+    """Triton's parse of the samples, and its decoding of every message we encoded."""
+    _require_tritonclient()
+    to_decode = dict(our_encoded["messages"])
+    for name, item in our_encoded["configs"].items():
+        to_decode[f"config_response:{name}"] = item["response"]
+    decoded: dict[str, Any] = json.loads(_run(TRITON_SCRIPT, "decode", stdin=json.dumps(to_decode).encode()))
+    return decoded
 
 
 # --------------------------------------------------------------------------
@@ -209,9 +268,7 @@ def _field_signature(field: FieldDescriptor) -> dict[str, object]:
     return {
         "proto": text_format.MessageToString(proto, as_one_line=True),
         "oneof": field.containing_oneof.name if field.containing_oneof else None,
-        "map_entry": bool(
-            field.message_type is not None and field.message_type.GetOptions().map_entry
-        ),
+        "map_entry": bool(field.message_type is not None and field.message_type.GetOptions().map_entry),
     }
 
 
@@ -242,9 +299,7 @@ def compare(ours: _Files, ref: _Files) -> list[str]:
                 problems.append(f"message {name}: not defined by Triton")
             continue
         if _message_signature(desc) != _message_signature(ref_desc):
-            problems.append(
-                f"message {name}: {_message_signature(desc)} != {_message_signature(ref_desc)}"
-            )
+            problems.append(f"message {name}: {_message_signature(desc)} != {_message_signature(ref_desc)}")
         for field in desc.fields:
             ref_field = ref_desc.fields_by_number.get(field.number)
             if ref_field is None:
@@ -306,10 +361,7 @@ def compare(ours: _Files, ref: _Files) -> list[str]:
             if ours_t != ref_t:
                 problems.append(f"rpc {method.name}: {attr} {ours_t} != {ref_t}")
     for ref_method in ref_service.methods:
-        if (
-            ref_method.name not in service.methods_by_name
-            and ref_method.name not in OMITTED_METHODS
-        ):
+        if ref_method.name not in service.methods_by_name and ref_method.name not in OMITTED_METHODS:
             problems.append(f"rpc {ref_method.name}: missing")
     return problems
 
@@ -318,14 +370,34 @@ def compare(ours: _Files, ref: _Files) -> list[str]:
 # Tests
 
 
-def test_generated_modules_use_expected_layout() -> None:
-    assert model_config_pb2.DESCRIPTOR.name == "protos/model_config.proto"
-    assert grpc_service_pb2.DESCRIPTOR.name == "protos/grpc_service.proto"
-    assert [d.name for d in grpc_service_pb2.DESCRIPTOR.dependencies] == [
-        "protos/model_config.proto"
-    ]
-    assert grpc_service_pb2.DESCRIPTOR.package == "inference"
-    assert model_config_pb2.DESCRIPTOR.package == "inference"
+def test_this_module_imports_neither_side() -> None:
+    """Importing this module in a fresh interpreter must not pull in either side."""
+    probe = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('proto_wire_compat_probe', {str(Path(__file__))!r})\n"
+        "module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(module)\n"
+        "print(' '.join(sorted(sys.modules)))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=SUBPROCESS_TIMEOUT_S,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert _forbidden(set(result.stdout.split())) == []
+
+
+def test_generated_modules_use_expected_layout(our_export: bytes) -> None:
+    model_config, grpc_service = _file_set(our_export)
+    assert model_config.name == "protos/model_config.proto"
+    assert grpc_service.name == "protos/grpc_service.proto"
+    assert list(grpc_service.dependency) == ["protos/model_config.proto"]
+    assert grpc_service.package == "inference"
+    assert model_config.package == "inference"
 
 
 def test_descriptors_match_triton(
@@ -338,18 +410,11 @@ def test_descriptors_match_triton(
 def test_generated_code_is_up_to_date() -> None:
     if importlib.util.find_spec("grpc_tools") is None:
         pytest.skip("grpcio-tools is not installed")
-    repo_root = Path(__file__).resolve().parent.parent
-    result = subprocess.run(
-        [sys.executable, str(repo_root / "scripts" / "gen_protos.py"), "--check"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
+    _run(REPO_ROOT / "scripts" / "gen_protos.py", "--check", timeout=60)
 
 
-def test_service_methods() -> None:
-    service = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+def test_service_methods(our_pool: descriptor_pool.DescriptorPool) -> None:
+    service = our_pool.FindFileByName("protos/grpc_service.proto").services_by_name["GRPCInferenceService"]
     assert service.full_name == SERVICE
     streaming = {m.name: (m.client_streaming, m.server_streaming) for m in service.methods}
     assert streaming == {
@@ -393,27 +458,23 @@ def _mutate_field(
     ],
 )
 def test_compare_detects_differences(
-    mutation: str, ref_pool: descriptor_pool.DescriptorPool
+    mutation: str, our_export: bytes, ref_pool: descriptor_pool.DescriptorPool
 ) -> None:
     """Guard the guard: each kind of incompatibility must be reported."""
-    protos = _our_protos()
+    protos = _our_protos(our_export)
     mc, svc = protos
     if mutation == "field_number":
         _mutate_field(protos, ["ModelInferRequest"], "raw_input_contents").number = 17
     elif mutation == "field_name":
         _mutate_field(protos, ["InferParameter"], "bool_param").name = "boolean_param"
     elif mutation == "field_type":
-        _mutate_field(
-            protos, ["ModelConfig"], "max_batch_size"
-        ).type = descriptor_pb2.FieldDescriptorProto.TYPE_UINT32
+        _mutate_field(protos, ["ModelConfig"], "max_batch_size").type = descriptor_pb2.FieldDescriptorProto.TYPE_UINT32
     elif mutation == "field_label":
         _mutate_field(
             protos, ["ModelInferRequest", "InferInputTensor"], "shape"
         ).label = descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL
     elif mutation == "message_type":
-        _mutate_field(
-            protos, ["ModelStatistics"], "inference_stats"
-        ).type_name = ".inference.InferBatchStatistics"
+        _mutate_field(protos, ["ModelStatistics"], "inference_stats").type_name = ".inference.InferBatchStatistics"
     elif mutation == "enum_value":
         dtype = next(e for e in mc.enum_type if e.name == "DataType")
         next(v for v in dtype.value if v.name == "TYPE_BF16").number = 15
@@ -435,385 +496,90 @@ def test_compare_detects_differences(
     assert problems, f"mutation {mutation!r} went undetected"
 
 
-def _ref_class(pool: descriptor_pool.DescriptorPool, name: str) -> type[Message]:
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName(name))
-
-
+@pytest.mark.parametrize("message", ["infer_request", "stream_response"])
 def test_infer_messages_round_trip_through_triton(
-    ref_pool: descriptor_pool.DescriptorPool,
+    message: str, our_encoded: dict[str, Any], triton_decoded: dict[str, Any]
 ) -> None:
-    request = grpc_service_pb2.ModelInferRequest(model_name="simple", model_version="1", id="req-1")
-    request.parameters["sequence_id"].uint64_param = 2**63 + 5
-    request.parameters["priority"].int64_param = -3
-    request.parameters["flag"].bool_param = True
-    request.parameters["temperature"].double_param = 0.25
-    request.parameters["tag"].string_param = "x"
-    tensor = request.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 4])
-    tensor.parameters["shared_memory_region"].string_param = "none"
-    tensor.contents.fp32_contents.extend([1.0, 2.0, 3.0, 4.0])
-    request.inputs.add(name="INPUT1", datatype="BYTES", shape=[1]).contents.bytes_contents.append(
-        b"\x00abc"
-    )
-    request.outputs.add(name="OUTPUT0").parameters["binary_data"].bool_param = True
-    request.raw_input_contents.append(b"\x01\x02\x03\x04")
-
-    wire = request.SerializeToString(deterministic=True)
-    ref_request = _ref_class(ref_pool, "inference.ModelInferRequest").FromString(wire)
-    assert ref_request.SerializeToString(deterministic=True) == wire
-    assert text_format.MessageToString(ref_request) == text_format.MessageToString(request)
-
-    response = grpc_service_pb2.ModelStreamInferResponse(error_message="")
-    out = response.infer_response.outputs.add(name="OUTPUT0", datatype="INT64", shape=[2])
-    out.contents.int64_contents.extend([-1, 1])
-    response.infer_response.raw_output_contents.append(b"\xff" * 8)
-    wire = response.SerializeToString(deterministic=True)
-    ref_response = _ref_class(ref_pool, "inference.ModelStreamInferResponse").FromString(wire)
-    assert text_format.MessageToString(ref_response) == text_format.MessageToString(response)
+    ours, theirs = our_encoded["messages"][message], triton_decoded["messages"][message]
+    assert base64.b64decode(theirs["wire"]) == base64.b64decode(ours["wire"])
+    assert theirs["text"] == ours["text"]
 
 
-class _EchoServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
-    """Minimal servicer built only from our generated code."""
+@contextmanager
+def _echo_server() -> Iterator[str]:
+    """Run ``proto_ours.py serve``; yield its address; stop it by closing its stdin."""
+    with tempfile.TemporaryFile() as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, str(OURS_SCRIPT), "serve"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            cwd=REPO_ROOT,
+        )
+        assert proc.stdin is not None and proc.stdout is not None
 
-    def ServerLive(
-        self, request: grpc_service_pb2.ServerLiveRequest, context: grpc.ServicerContext
-    ) -> grpc_service_pb2.ServerLiveResponse:
-        return grpc_service_pb2.ServerLiveResponse(live=True)
+        def server_stderr() -> str:
+            stderr.seek(0)
+            return stderr.read().decode(errors="replace")
 
-    def ModelConfig(
-        self, request: grpc_service_pb2.ModelConfigRequest, context: grpc.ServicerContext
-    ) -> grpc_service_pb2.ModelConfigResponse:
-        config = model_config_pb2.ModelConfig(name=request.name, max_batch_size=4)
-        config.input.add(name="x", data_type=model_config_pb2.TYPE_FP32, dims=[2])
-        return grpc_service_pb2.ModelConfigResponse(config=config)
-
-    def ModelInfer(
-        self, request: grpc_service_pb2.ModelInferRequest, context: grpc.ServicerContext
-    ) -> grpc_service_pb2.ModelInferResponse:
-        response = grpc_service_pb2.ModelInferResponse(model_name=request.model_name, id=request.id)
-        response.parameters["echo_k"].CopyFrom(request.parameters["k"])
-        first = request.inputs[0]
-        response.outputs.add(name="y", datatype=first.datatype, shape=first.shape)
-        response.raw_output_contents.append(request.raw_input_contents[0])
-        return response
-
-    def ModelStreamInfer(
-        self,
-        request_iterator: Iterator[grpc_service_pb2.ModelInferRequest],
-        context: grpc.ServicerContext,
-    ) -> Iterator[grpc_service_pb2.ModelStreamInferResponse]:
-        for request in request_iterator:
-            yield grpc_service_pb2.ModelStreamInferResponse(
-                infer_response=self.ModelInfer(request, context)
-            )
-
-
-_TRITON_CLIENT_SCRIPT = textwrap.dedent(
-    """
-    import queue, sys
-    import numpy as np
-    import tritonclient.grpc as tc
-
-    def step(name):
-        print("step:", name, file=sys.stderr, flush=True)
-
-    client = tc.InferenceServerClient(sys.argv[1])
-    step("ServerLive")
-    assert client.is_server_live(client_timeout=10)
-    step("ModelConfig")
-    config = client.get_model_config("m", as_json=True, client_timeout=10)["config"]
-    assert config["name"] == "m" and config["max_batch_size"] == 4, config
-    assert config["input"][0]["data_type"] == "TYPE_FP32", config
-
-    data = np.array([[1.5, 2.5]], dtype=np.float32)
-    tensor = tc.InferInput("x", [1, 2], "FP32")
-    tensor.set_data_from_numpy(data)
-    step("ModelInfer")
-    result = client.infer(
-        "m", [tensor], request_id="abc", parameters={"k": 3}, client_timeout=10
-    )
-    response = result.get_response()
-    assert response.id == "abc", response
-    assert response.parameters["echo_k"].int64_param == 3, response
-    assert (result.as_numpy("y") == data).all()
-
-    results = queue.Queue()
-    step("ModelStreamInfer")
-    client.start_stream(
-        callback=lambda result, error: results.put((result, error)), stream_timeout=20
-    )
-    client.async_stream_infer("m", [tensor], request_id="s1")
-    result, error = results.get(timeout=20)
-    step("stop_stream")
-    client.stop_stream()
-    assert error is None, error
-    assert (result.as_numpy("y") == data).all()
-    print("ok")
-    """
-)
+        try:
+            ready, _, _ = select.select([proc.stdout], [], [], SUBPROCESS_TIMEOUT_S)
+            line = proc.stdout.readline().decode() if ready else ""
+            if not line.startswith("port "):
+                pytest.fail(f"echo server did not start (said {line!r}); its stderr:\n{server_stderr()}")
+            yield f"127.0.0.1:{int(line.split()[1])}"
+        finally:
+            proc.stdin.close()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+            proc.stdout.close()
 
 
 def test_tritonclient_talks_to_our_service() -> None:
-    """A real tritonclient.grpc client against a server using our stubs."""
-    if importlib.util.find_spec("tritonclient") is None:
-        pytest.skip("tritonclient is not installed")
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    # mypy-protobuf marks every RPC abstract; the ones not overridden are never called.
-    servicer = _EchoServicer()  # type: ignore[abstract]
-    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        result = subprocess.run(
-            [sys.executable, "-c", _TRITON_CLIENT_SCRIPT, f"127.0.0.1:{port}"],
-            capture_output=True,
-            text=True,
-            timeout=45,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
-        pytest.fail(f"tritonclient subprocess timed out; its stderr:\n{stderr}")
-    finally:
-        server.stop(grace=None)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+    """A real tritonclient.grpc client against a server using our stubs (each in its own process)."""
+    _require_tritonclient()
+    with _echo_server() as address:
+        stdout = _run(TRITON_SCRIPT, "client", address, timeout=CLIENT_TIMEOUT_S)
+    assert stdout.decode().strip() == "ok"
 
 
-# A Triton config.pbtxt exercising most of the schema.
-SAMPLE_CONFIG_PBTXT = """
-name: "densenet_onnx"
-platform: "onnxruntime_onnx"
-backend: "onnxruntime"
-max_batch_size: 8
-version_policy: { latest: { num_versions: 2 } }
-input [
-  {
-    name: "data_0"
-    data_type: TYPE_FP32
-    format: FORMAT_NCHW
-    dims: [ 3, 224, 224 ]
-    reshape: { shape: [ 1, 3, 224, 224 ] }
-  },
-  {
-    name: "mask"
-    data_type: TYPE_BOOL
-    dims: [ -1 ]
-    optional: true
-    allow_ragged_batch: true
-  }
-]
-output [
-  {
-    name: "fc6_1"
-    data_type: TYPE_FP32
-    dims: [ 1000 ]
-    reshape: { shape: [ 1, 1000, 1, 1 ] }
-    label_filename: "densenet_labels.txt"
-  }
-]
-batch_input [
-  {
-    kind: BATCH_ACCUMULATED_ELEMENT_COUNT
-    target_name: "INDEX"
-    data_type: TYPE_FP32
-    source_input: "mask"
-  }
-]
-instance_group [
-  {
-    name: "gpu_group"
-    count: 2
-    kind: KIND_GPU
-    gpus: [ 0, 1 ]
-    rate_limiter {
-      resources [ { name: "R1" count: 4 }, { name: "R2" global: true count: 2 } ]
-      priority: 2
-    }
-  },
-  { count: 1 kind: KIND_CPU }
-]
-dynamic_batching {
-  preferred_batch_size: [ 4, 8 ]
-  max_queue_delay_microseconds: 100
-  preserve_ordering: true
-  priority_levels: 2
-  default_priority_level: 1
-  default_queue_policy {
-    timeout_action: DELAY
-    default_timeout_microseconds: 5000
-    allow_timeout_override: true
-    max_queue_size: 16
-  }
-  priority_queue_policy {
-    key: 2
-    value: { timeout_action: REJECT max_queue_size: 4 }
-  }
-}
-optimization {
-  graph: { level: 1 }
-  priority: PRIORITY_MAX
-  cuda { graphs: true busy_wait_events: true output_copy_stream: true }
-  execution_accelerators {
-    gpu_execution_accelerator : [
-      {
-        name : "tensorrt"
-        parameters { key: "precision_mode" value: "FP16" }
-      }
-    ]
-  }
-  input_pinned_memory: { enable: false }
-}
-parameters: {
-  key: "intra_op_thread_count"
-  value: { string_value: "4" }
-}
-model_warmup [
-  {
-    name: "zero_warmup"
-    batch_size: 1
-    count: 2
-    inputs {
-      key: "data_0"
-      value: { data_type: TYPE_FP32 dims: [ 3, 224, 224 ] zero_data: true }
-    }
-  }
-]
-model_transaction_policy { decoupled: false }
-response_cache { enable: true }
-model_repository_agents {
-  agents [ { name: "checksum" parameters { key: "MD5:model.onnx" value: "abc" } } ]
-}
-default_model_filename: "model.onnx"
-cc_model_filenames { key: "7.5" value: "model_sm75.onnx" }
-metric_tags { key: "team" value: "ml" }
-"""
-
-SAMPLE_ENSEMBLE_PBTXT = """
-name: "pipeline"
-platform: "ensemble"
-max_batch_size: 4
-input [ { name: "RAW" data_type: TYPE_STRING dims: [ 1 ] } ]
-output [ { name: "SCORES" data_type: TYPE_FP16 dims: [ 10 ] } ]
-ensemble_scheduling {
-  step [
-    {
-      model_name: "preprocess"
-      model_version: -1
-      input_map { key: "IN" value: "RAW" }
-      output_map { key: "OUT" value: "pre_out" }
-    },
-    {
-      model_name: "classifier"
-      model_version: 3
-      input_map { key: "x" value: "pre_out" }
-      output_map { key: "y" value: "SCORES" }
-    }
-  ]
-}
-"""
-
-SAMPLE_SEQUENCE_PBTXT = """
-name: "stateful"
-backend: "python"
-max_batch_size: 2
-input [ { name: "INPUT" data_type: TYPE_INT32 dims: [ 1 ] } ]
-output [ { name: "OUTPUT" data_type: TYPE_INT32 dims: [ 1 ] } ]
-sequence_batching {
-  max_sequence_idle_microseconds: 5000000
-  oldest { max_candidate_sequences: 4 preferred_batch_size: [ 2 ] }
-  control_input [
-    { name: "START" control [ { kind: CONTROL_SEQUENCE_START int32_false_true: [ 0, 1 ] } ] },
-    { name: "CORRID" control [ { kind: CONTROL_SEQUENCE_CORRID data_type: TYPE_UINT64 } ] }
-  ]
-  state [
-    {
-      input_name: "INPUT_STATE"
-      output_name: "OUTPUT_STATE"
-      data_type: TYPE_INT32
-      dims: [ 1 ]
-      initial_state: { name: "init" data_type: TYPE_INT32 dims: [ 1 ] zero_data: true }
-    }
-  ]
-}
-instance_group [ { kind: KIND_MODEL } ]
-"""
+ROUND_TRIP_SAMPLES = ("config", "ensemble", "sequence")
 
 
-def test_parse_triton_config_pbtxt() -> None:
-    config = text_format.Parse(SAMPLE_CONFIG_PBTXT, model_config_pb2.ModelConfig())
-    assert config.name == "densenet_onnx"
-    assert config.max_batch_size == 8
-    assert config.version_policy.WhichOneof("policy_choice") == "latest"
-    assert config.version_policy.latest.num_versions == 2
-    assert list(config.input[0].dims) == [3, 224, 224]
-    assert config.input[0].format == model_config_pb2.ModelInput.FORMAT_NCHW
-    assert config.input[1].data_type == model_config_pb2.TYPE_BOOL
-    assert config.input[1].optional
-    assert config.output[0].label_filename == "densenet_labels.txt"
-    assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
-    assert list(config.instance_group[0].gpus) == [0, 1]
-    assert getattr(config.instance_group[0].rate_limiter.resources[1], "global")
-    assert config.WhichOneof("scheduling_choice") == "dynamic_batching"
-    batching = config.dynamic_batching
-    assert list(batching.preferred_batch_size) == [4, 8]
-    assert batching.max_queue_delay_microseconds == 100
-    assert batching.default_queue_policy.timeout_action == model_config_pb2.ModelQueuePolicy.DELAY
-    assert batching.priority_queue_policy[2].max_queue_size == 4
-    accel = config.optimization.execution_accelerators.gpu_execution_accelerator[0]
-    assert accel.parameters["precision_mode"] == "FP16"
-    assert config.parameters["intra_op_thread_count"].string_value == "4"
-    assert config.model_warmup[0].inputs["data_0"].zero_data
-    assert config.response_cache.enable
-
-    ensemble = text_format.Parse(SAMPLE_ENSEMBLE_PBTXT, model_config_pb2.ModelConfig())
-    assert ensemble.WhichOneof("scheduling_choice") == "ensemble_scheduling"
-    assert ensemble.ensemble_scheduling.step[0].model_version == -1
-    assert ensemble.input[0].data_type == model_config_pb2.TYPE_STRING
-
-    sequence = text_format.Parse(SAMPLE_SEQUENCE_PBTXT, model_config_pb2.ModelConfig())
-    assert sequence.WhichOneof("scheduling_choice") == "sequence_batching"
-    assert sequence.sequence_batching.WhichOneof("strategy_choice") == "oldest"
-    assert sequence.sequence_batching.state[0].initial_state[0].zero_data
+def test_round_trip_samples_are_all_tested(our_encoded: dict[str, Any], triton_decoded: dict[str, Any]) -> None:
+    assert sorted(our_encoded["configs"]) == sorted(ROUND_TRIP_SAMPLES)
+    assert sorted(triton_decoded["configs"]) == sorted(ROUND_TRIP_SAMPLES)
 
 
-def test_newer_triton_config_fields_parse() -> None:
-    config = text_format.Parse(
-        """
-        name: "m"
-        backend: "pytorch"
-        runtime: "model.py"
-        input [ { name: "x" data_type: TYPE_BF16 dims: [ 2 ] is_non_linear_format_io: true } ]
-        model_metrics {
-          metric_control [
-            {
-              metric_identifier { family: "nv_inference_first_response_histogram_ms" }
-              histogram_options { buckets: [ 1, 2, 4, 8 ] }
-            }
-          ]
-        }
-        """,
-        model_config_pb2.ModelConfig(),
-    )
-    assert config.runtime == "model.py"
-    assert config.input[0].is_non_linear_format_io
-    assert list(config.model_metrics.metric_control[0].histogram_options.buckets) == [1, 2, 4, 8]
-
-
-@pytest.mark.parametrize(
-    "pbtxt", [SAMPLE_CONFIG_PBTXT, SAMPLE_ENSEMBLE_PBTXT, SAMPLE_SEQUENCE_PBTXT]
-)
+@pytest.mark.parametrize("sample", ROUND_TRIP_SAMPLES)
 def test_model_config_round_trips_through_triton(
-    pbtxt: str, ref_pool: descriptor_pool.DescriptorPool
+    sample: str, our_encoded: dict[str, Any], triton_decoded: dict[str, Any]
 ) -> None:
-    ours = text_format.Parse(pbtxt, model_config_pb2.ModelConfig())
-    ref = text_format.Parse(pbtxt, _ref_class(ref_pool, "inference.ModelConfig")())
-    assert ours.SerializeToString(deterministic=True) == ref.SerializeToString(deterministic=True)
-    response = grpc_service_pb2.ModelConfigResponse(config=ours)
-    wire = response.SerializeToString(deterministic=True)
-    ref_response = _ref_class(ref_pool, "inference.ModelConfigResponse").FromString(wire)
-    assert ref_response.SerializeToString(deterministic=True) == wire
-    assert text_format.MessageToString(ref_response) == text_format.MessageToString(response)
+    ours = our_encoded["configs"][sample]
+    # Both sides parse the same config.pbtxt to the same bytes.
+    assert base64.b64decode(triton_decoded["configs"][sample]) == base64.b64decode(ours["config"]["wire"])
+    # Triton decodes our ModelConfigResponse and re-encodes it to the same bytes and text.
+    theirs = triton_decoded["messages"][f"config_response:{sample}"]
+    assert base64.b64decode(theirs["wire"]) == base64.b64decode(ours["response"]["wire"])
+    assert theirs["text"] == ours["response"]["text"]
 
 
-def test_unknown_config_field_is_rejected() -> None:
-    with pytest.raises(text_format.ParseError, match="no_such_field"):
-        text_format.Parse('name: "m" no_such_field: 1', model_config_pb2.ModelConfig())
+def test_our_checks_are_all_reported(our_checks: dict[str, str | None]) -> None:
+    assert sorted(our_checks) == sorted(
+        ["parse_triton_config_pbtxt", "newer_triton_config_fields_parse", "unknown_config_field_is_rejected"]
+    )
+
+
+def test_parse_triton_config_pbtxt(our_checks: dict[str, str | None]) -> None:
+    assert our_checks["parse_triton_config_pbtxt"] is None, our_checks["parse_triton_config_pbtxt"]
+
+
+def test_newer_triton_config_fields_parse(our_checks: dict[str, str | None]) -> None:
+    assert our_checks["newer_triton_config_fields_parse"] is None, our_checks["newer_triton_config_fields_parse"]
+
+
+def test_unknown_config_field_is_rejected(our_checks: dict[str, str | None]) -> None:
+    assert our_checks["unknown_config_field_is_rejected"] is None, our_checks["unknown_config_field_is_rejected"]

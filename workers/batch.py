@@ -1,4 +1,4 @@
-"""Run one batch: decode members, concatenate, one model call, split, encode replies.
+"""Run one batch: decode members, join inputs, one model call, split, encode replies.
 
 Members whose non-batch dimensions differ cannot share a tensor, so they run
 as separate sub-batches; a member that fails to decode gets its own error
@@ -15,140 +15,122 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from broker.messages import Member, Stat, encode_reply
 from ferry import datatypes
-from ferry.errors import Code, FerryError, Internal, InvalidArgument
+from ferry.errors import Code, FerryError, Internal
 from ferry.repository import ModelVersion
-from protos import grpc_service_pb2 as pb
-from workers.runtime import Arrays, Runtime
+from workers.codec import Decoded, ResponseEncoder, decode, join_inputs
+from workers.runtime import Runtime
 
 log = logging.getLogger("ferry.worker")
 
 
 @dataclass(slots=True)
 class BatchResult:
-    replies: list[tuple[str, bytes]] = field(default_factory=list)  # (reply key, reply)
+    replies: list[tuple[str, bytes]] = field(default_factory=list)  # (gateway id, encoded reply)
     stats: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
-@dataclass(slots=True)
-class _Decoded:
-    member: Member
-    request: Any  # pb.ModelInferRequest
-    arrays: Arrays
+class BatchRunner:
+    """Everything needed to run batches of one model version, prepared once."""
 
+    def __init__(self, mv: ModelVersion, runtime: Runtime) -> None:
+        self.mv = mv
+        self.runtime = runtime
+        self.batched = mv.settings.max_batch_size > 0
+        self.specs = {t.name: t for t in mv.settings.inputs}
+        self.encoder = ResponseEncoder(mv)
 
-def decode_member(mv: ModelVersion, member: Member) -> _Decoded:
-    request = pb.ModelInferRequest.FromString(member.payload)
-    specs = {t.name: t for t in mv.settings.inputs}
-    raw = request.raw_input_contents
-    arrays: Arrays = {}
-    for i, tensor in enumerate(request.inputs):
-        spec = specs.get(tensor.name)
-        if spec is None:
-            raise InvalidArgument(f"unexpected input {tensor.name!r}")
-        shape = tuple(tensor.shape)
-        try:
-            if raw:
-                arrays[tensor.name] = datatypes.decode_raw(spec.dtype, shape, raw[i])
+    def run(self, members: Sequence[Member]) -> BatchResult:
+        result = BatchResult()
+        start_ns = time.time_ns()
+        t0 = time.perf_counter_ns()
+        groups: dict[tuple[Any, ...], list[tuple[Member, Decoded]]] = defaultdict(list)
+        for m in members:
+            try:
+                d = decode(self.specs, m.payload)
+            except Exception as exc:  # a malformed payload must not take the worker down
+                err = exc if isinstance(exc, FerryError) else None
+                code = err.code if err else Code.INVALID_ARGUMENT
+                message = err.message if err else f"cannot decode request: {exc}"
+                result.replies.append((m.gateway, encode_reply(m.corr, code, message.encode())))
+                result.stats[Stat.FAIL_COUNT] += 1
+                continue
+            if self.batched:
+                sig = tuple(s[1:] for s in d.shapes.values())
             else:
-                field_name = spec.dtype.contents_field or ""
-                values = getattr(tensor.contents, field_name)
-                arrays[tensor.name] = datatypes.decode_contents(spec.dtype, shape, values)
-        except (ValueError, IndexError) as exc:
-            raise InvalidArgument(f"input {tensor.name!r}: cannot decode: {exc}") from None
-    return _Decoded(member, request, arrays)
+                sig = (id(d),)
+            groups[sig].append((m, d))
+        decode_ns = time.perf_counter_ns() - t0
+        for group in groups.values():
+            self._run_group(group, result, start_ns, decode_ns)
+        return result
 
-
-def _response(mv: ModelVersion, request: Any, outputs: Arrays, start: int, stop: int | None) -> bytes:
-    resp = pb.ModelInferResponse(model_name=mv.name, model_version=str(mv.version), id=request.id)
-    names = [o.name for o in request.outputs] or [o.name for o in mv.settings.outputs]
-    dtypes = {o.name: o.dtype for o in mv.settings.outputs}
-    for name in names:
-        full = outputs[name]
-        part = full if stop is None else full[start:stop]
-        resp.outputs.add(name=name, datatype=dtypes[name].name, shape=part.shape)
-        resp.raw_output_contents.append(datatypes.encode_raw(dtypes[name], part))
-    return bytes(resp.SerializeToString())
-
-
-def run_batch(mv: ModelVersion, runtime: Runtime, members: Sequence[Member]) -> BatchResult:
-    result = BatchResult()
-    stats = result.stats
-    start_ns = time.time_ns()
-    t0 = time.perf_counter_ns()
-    groups: dict[tuple[Any, ...], list[_Decoded]] = defaultdict(list)
-    for m in members:
+    def _run_group(
+        self, group: list[tuple[Member, Decoded]], result: BatchResult, start_ns: int, decode_ns: int
+    ) -> None:
+        stats = result.stats
+        mv = self.mv
+        decoded = [d for _, d in group]
+        rows = sum(m.rows for m, _ in group)
+        t0 = time.perf_counter_ns()
         try:
-            d = decode_member(mv, m)
-        except FerryError as exc:
-            result.replies.append((m.reply, encode_reply(m.corr, exc.code, exc.message.encode())))
-            stats[Stat.FAIL_COUNT] += 1
-            continue
-        except Exception as exc:  # a malformed payload must not take the worker down
-            result.replies.append((m.reply, encode_reply(m.corr, Code.INVALID_ARGUMENT, str(exc).encode())))
-            stats[Stat.FAIL_COUNT] += 1
-            continue
-        sig = tuple((n, a.shape[1:] if mv.settings.max_batch_size else a.shape) for n, a in d.arrays.items())
-        groups[sig].append(d)
-    output_names = [o.name for o in mv.settings.outputs]
-    input_names = [t.name for t in mv.settings.inputs]
-    decode_ns = time.perf_counter_ns() - t0
-    for group in groups.values():
-        _run_group(mv, runtime, group, input_names, output_names, result, start_ns, decode_ns)
-    return result
-
-
-def _run_group(
-    mv: ModelVersion, runtime: Runtime, group: list[_Decoded], input_names: list[str],
-    output_names: list[str], result: BatchResult, start_ns: int, decode_ns: int,
-) -> None:
-    stats = result.stats
-    batched = mv.settings.max_batch_size > 0
-    t0 = time.perf_counter_ns()
-    if batched and len(group) > 1:
-        inputs = {n: np.concatenate([d.arrays[n] for d in group]) for n in input_names}
-    else:
-        inputs = group[0].arrays
-    t1 = time.perf_counter_ns()
-    try:
-        outputs = runtime.run(inputs, output_names)
-        rows = sum(d.member.rows for d in group)
-        if batched and any(outputs[n].shape[:1] != (rows,) for n in output_names):
-            raise Internal(f"model returned outputs whose first dimension is not the batch size {rows}")
-    except Exception as exc:
-        message = exc.message if isinstance(exc, FerryError) else f"model execution failed: {exc}"
-        log.warning("model %s v%d failed a batch of %d: %s", mv.name, mv.version, len(group), message)
-        for d in group:
-            result.replies.append((d.member.reply, encode_reply(d.member.corr, Code.INTERNAL, message.encode())))
-        stats[Stat.FAIL_COUNT] += len(group)
-        return
-    t2 = time.perf_counter_ns()
-    offset = 0
-    now_ns = time.time_ns()
-    for d in group:
-        m = d.member
-        stop = offset + m.rows if batched else None
-        body = _response(mv, d.request, outputs, offset, stop)
-        result.replies.append((m.reply, encode_reply(m.corr, Code.OK, body)))
-        offset += m.rows
-        stats[Stat.QUEUE_NS] += max(0, start_ns - m.enqueued_ns)
-        stats[Stat.SUCCESS_NS] += max(0, now_ns - m.enqueued_ns)
-    t3 = time.perf_counter_ns()
-    n = len(group)
-    size = sum(d.member.rows for d in group) if batched else 1
-    stats[Stat.SUCCESS_COUNT] += n
-    stats[Stat.INFERENCE_COUNT] += size
-    stats[Stat.EXECUTION_COUNT] += 1
-    # Triton attributes a batch's durations to each of its requests.
-    input_ns = t1 - t0 + decode_ns
-    stats[Stat.COMPUTE_INPUT_NS] += input_ns * n
-    stats[Stat.COMPUTE_INFER_NS] += (t2 - t1) * n
-    stats[Stat.COMPUTE_OUTPUT_NS] += (t3 - t2) * n
-    stats[Stat.batch(size, "count")] += 1
-    stats[Stat.batch(size, "input_ns")] += input_ns
-    stats[Stat.batch(size, "infer_ns")] += t2 - t1
-    stats[Stat.batch(size, "output_ns")] += t3 - t2
-    stats[Stat.LAST_INFERENCE_MS] = now_ns // 1_000_000
+            inputs = {name: join_inputs(spec, decoded, rows) for name, spec in self.specs.items()}
+            t1 = time.perf_counter_ns()
+            output_names = list(self.encoder.all_outputs)
+            outputs = self.runtime.run(inputs, output_names)
+            if self.batched and any(outputs[n].shape[:1] != (rows,) for n in output_names):
+                raise Internal(f"model returned outputs whose first dimension is not the batch size {rows}")
+        except Exception as exc:
+            code = exc.code if isinstance(exc, FerryError) else Code.INTERNAL
+            message = exc.message if isinstance(exc, FerryError) else f"model execution failed: {exc}"
+            log.warning("model %s v%d failed a batch of %d: %s", mv.name, mv.version, len(group), message)
+            for m, _ in group:
+                result.replies.append((m.gateway, encode_reply(m.corr, code, message.encode())))
+            stats[Stat.FAIL_COUNT] += len(group)
+            return
+        t2 = time.perf_counter_ns()
+        # Fixed-size outputs are serialised once; members take byte slices of them.
+        flat: dict[str, tuple[bytes, int, tuple[int, ...]] | None] = {}
+        for name in output_names:
+            arr = outputs[name]
+            dtype = self.encoder.outputs[name].dtype
+            if self.batched and not dtype.is_bytes:
+                row_bytes = dtype.size * datatypes.element_count(arr.shape[1:])
+                flat[name] = (datatypes.encode_raw(dtype, arr), row_bytes, tuple(arr.shape[1:]))
+            else:
+                flat[name] = None
+        offset = 0
+        now_ns = time.time_ns()
+        for m, d in group:
+            tensors = []
+            for name in d.requested or output_names:
+                f = flat[name]
+                if f is not None:
+                    data, row_bytes, rest = f
+                    tensors.append((name, (m.rows, *rest), data[offset * row_bytes : (offset + m.rows) * row_bytes]))
+                else:
+                    arr = outputs[name][offset : offset + m.rows] if self.batched else outputs[name]
+                    dtype = self.encoder.outputs[name].dtype
+                    tensors.append((name, tuple(arr.shape), datatypes.encode_raw(dtype, arr)))
+            body = self.encoder.encode(d.request_id, tensors)
+            result.replies.append((m.gateway, encode_reply(m.corr, Code.OK, body)))
+            offset += m.rows
+            stats[Stat.QUEUE_NS] += max(0, start_ns - m.enqueued_ns)
+            stats[Stat.SUCCESS_NS] += max(0, now_ns - m.enqueued_ns)
+        t3 = time.perf_counter_ns()
+        n = len(group)
+        size = rows if self.batched else 1
+        input_ns = t1 - t0 + decode_ns
+        stats[Stat.SUCCESS_COUNT] += n
+        stats[Stat.INFERENCE_COUNT] += size
+        stats[Stat.EXECUTION_COUNT] += 1
+        # Triton attributes a batch's durations to each of its requests.
+        stats[Stat.COMPUTE_INPUT_NS] += input_ns * n
+        stats[Stat.COMPUTE_INFER_NS] += (t2 - t1) * n
+        stats[Stat.COMPUTE_OUTPUT_NS] += (t3 - t2) * n
+        stats[Stat.batch(size, "count")] += 1
+        stats[Stat.batch(size, "input_ns")] += input_ns
+        stats[Stat.batch(size, "infer_ns")] += t2 - t1
+        stats[Stat.batch(size, "output_ns")] += t3 - t2
+        stats[Stat.LAST_INFERENCE_MS] = now_ns // 1_000_000

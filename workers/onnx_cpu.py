@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import onnxruntime as ort
 
-from ferry.errors import ConfigError
+from ferry.errors import ConfigError, InvalidArgument
 from ferry.repository import ModelVersion
 from workers.runtime import Arrays
 
@@ -26,5 +29,22 @@ class OnnxCpuRuntime:
             raise ConfigError(f"{mv.model_file}: onnxruntime cannot load it: {exc}") from None
 
     def run(self, inputs: Arrays, output_names: list[str]) -> Arrays:
-        values = self.session.run(output_names, inputs)
+        feeds = {name: _text(name, arr) if arr.dtype == np.object_ else arr for name, arr in inputs.items()}
+        values = self.session.run(output_names, feeds)
         return dict(zip(output_names, values, strict=True))
+
+
+def _text(name: str, arr: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """ONNX string tensors hold text: onnxruntime's Python binding takes ``str``
+    elements (a ``bytes`` element would be stringified as ``"b'...'"``), so
+    BYTES elements must be UTF-8."""
+    out = np.empty(arr.shape, dtype=np.object_)
+    flat = out.reshape(-1)
+    for i, item in enumerate(arr.reshape(-1)):
+        try:
+            flat[i] = item.decode("utf-8") if isinstance(item, bytes) else item
+        except UnicodeDecodeError:
+            raise InvalidArgument(
+                f"input {name!r}: element {i} is not UTF-8; ONNX string tensors can only carry text"
+            ) from None
+    return out

@@ -21,20 +21,20 @@ import socket
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
-from broker import keys
+from broker import keys, scripts
 from broker.messages import Member, Stat, encode_reply, parse_batch
 from ferry.errors import Code
 from ferry.redis_conn import REDIS_DOWN, connect
-from ferry.repository import ModelVersion, Repository
+from ferry.repository import Repository
 from ferry.settings import WorkerSettings
-from workers.batch import BatchResult, run_batch
-from workers.runtime import Runtime, load_runtime
+from workers.batch import BatchResult, BatchRunner
+from workers.runtime import load_runtime
 
 log = logging.getLogger("ferry.worker")
 
 READ_BLOCK_MS = 200
+STATS_FLUSH_S = 0.1
 
 
 class _Claimed:
@@ -50,16 +50,19 @@ class Worker:
     def __init__(self, settings: WorkerSettings, repo: Repository) -> None:
         self.settings = settings
         self.stream = keys.pool_stream(settings.pool)
-        self.models: dict[tuple[str, int], tuple[ModelVersion, Runtime]] = {}
+        self.models: dict[tuple[str, int], BatchRunner] = {}
         for mv in repo.all_versions():
             if mv.settings.pool == settings.pool:
-                self.models[mv.key] = (mv, load_runtime(settings, mv))
+                self.models[mv.key] = BatchRunner(mv, load_runtime(settings, mv))
         self.redis = connect(settings.redis_url, settings.redis_timeout_s, blocking_s=READ_BLOCK_MS / 1000)
+        self._push_reply = self.redis.register_script(scripts.PUSH_REPLY)
         self._stopping = asyncio.Event()
         self._carry: list[_Claimed] = []
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="ferry-compute")
         self._outbox: asyncio.Queue[tuple[list[bytes], dict[tuple[str, int], BatchResult]]] = asyncio.Queue(2)
         self.batches_run = 0
+        # Statistics accumulate here and reach Redis every STATS_FLUSH_S, not per batch.
+        self._stats: dict[tuple[str, int], dict[str, int]] = defaultdict(lambda: defaultdict(int))
 
     def stop(self) -> None:
         self._stopping.set()
@@ -72,6 +75,7 @@ class Worker:
                 raise
         heartbeat = asyncio.create_task(self._heartbeat(), name="heartbeat")
         writer = asyncio.create_task(self._writer(), name="writer")
+        stats = asyncio.create_task(self._stats_loop(), name="stats")
         log.info("worker %s serving pool %s: %s", self.settings.worker_id, self.settings.pool,
                  ", ".join(f"{n} v{v}" for n, v in self.models) or "no models")
         try:
@@ -86,9 +90,10 @@ class Worker:
                     await self._execute(claimed)
             await self._outbox.join()
         finally:
-            writer.cancel()
-            heartbeat.cancel()
-            await asyncio.gather(writer, heartbeat, return_exceptions=True)
+            for task in (writer, heartbeat, stats):
+                task.cancel()
+            await asyncio.gather(writer, heartbeat, stats, return_exceptions=True)
+            await self._flush_stats()
             await self._unregister()
             self._compute.shutdown(wait=True)
             await self.redis.aclose()
@@ -109,8 +114,8 @@ class Worker:
             if not self._carry:
                 return []
         first = self._carry[0]
-        mv_rt = self.models.get((first.model, first.version))
-        limit = mv_rt[0].settings.max_batch_size if mv_rt else 0
+        runner = self.models.get((first.model, first.version))
+        limit = runner.mv.settings.max_batch_size if runner else 0
         if limit and first.rows < limit and self.settings.coalesce > len(self._carry):
             self._carry += await self._read(self.settings.coalesce - len(self._carry), None)
         take, keep, rows = [first], [], first.rows
@@ -127,49 +132,80 @@ class Worker:
         first = claimed[0]
         ids = [c.entry_id for c in claimed]
         members: list[Member] = [m for c in claimed for m in c.members]
-        mv_rt = self.models.get((first.model, first.version))
-        if mv_rt is None:
+        runner = self.models.get((first.model, first.version))
+        if runner is None:
             result = BatchResult()
             msg = f"worker {self.settings.worker_id} does not serve model {first.model!r} v{first.version}"
-            result.replies = [(m.reply, encode_reply(m.corr, Code.UNAVAILABLE, msg.encode())) for m in members]
+            result.replies = [(m.gateway, encode_reply(m.corr, Code.UNAVAILABLE, msg.encode())) for m in members]
             await self._outbox.put((ids, {(first.model, first.version): result}))
             return
-        mv, runtime = mv_rt
         loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(self._compute, run_batch, mv, runtime, members)
+        result = await loop.run_in_executor(self._compute, runner.run, members)
         self.batches_run += 1
-        await self._outbox.put((ids, {mv.key: result}))
+        await self._outbox.put((ids, {runner.mv.key: result}))
 
     async def _writer(self) -> None:
         while True:
             ids, results = await self._outbox.get()
             pipe = self.redis.pipeline(transaction=False)
-            by_key: dict[str, list[bytes]] = defaultdict(list)
-            for (name, version), result in results.items():
+            by_key: dict[str, list[bytes]] = defaultdict(list)  # one bundle per gateway
+            for model_key, result in results.items():
                 for key, reply in result.replies:
                     by_key[key].append(reply)
-                stats_key = keys.stats_hash(name, version)
+                totals = self._stats[model_key]
                 for field, value in result.stats.items():
                     if field == Stat.LAST_INFERENCE_MS:
-                        pipe.hset(stats_key, field, value)
+                        totals[field] = max(totals[field], value)
                     else:
-                        pipe.hincrby(stats_key, field, value)
-            for key, replies in by_key.items():
-                pipe.rpush(key, *replies)
-                pipe.pexpire(key, keys.REPLY_TTL_MS)
+                        totals[field] += value
+            for gateway, replies in by_key.items():
+                await self._push_reply(
+                    keys=[keys.gateway_alive(gateway), keys.reply_list(gateway)],
+                    args=[keys.REPLY_TTL_MS, b"".join(replies)], client=pipe,
+                )
             pipe.xack(self.stream, keys.WORKER_GROUP, *ids)
             pipe.xdel(self.stream, *ids)
             delay = 0.05
-            while True:
-                try:
-                    await pipe.execute()
-                    break
-                except REDIS_DOWN as exc:
-                    # The batch stays pending until its replies are written: retry, never drop.
-                    log.warning("redis unreachable writing replies (%s); retrying", exc)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 1.0)
-            self._outbox.task_done()
+            try:
+                while True:
+                    try:
+                        await pipe.execute()
+                        break
+                    except REDIS_DOWN as exc:
+                        # The batch stays pending until its replies are written: retry, never drop.
+                        log.warning("redis unreachable writing replies (%s); retrying", exc)
+                        await asyncio.sleep(delay)
+                        delay = min(delay * 2, 1.0)
+            except Exception:
+                # A bug here must not stop the writer: the batch stays pending in Redis.
+                log.exception("writing replies for %d batch entries failed", len(ids))
+            finally:
+                self._outbox.task_done()
+
+    async def _flush_stats(self) -> None:
+        if not self._stats:
+            return
+        stats, self._stats = self._stats, defaultdict(lambda: defaultdict(int))
+        pipe = self.redis.pipeline(transaction=False)
+        for (name, version), totals in stats.items():
+            key = keys.stats_hash(name, version)
+            last = totals.pop(Stat.LAST_INFERENCE_MS, None)
+            for field, value in totals.items():
+                pipe.hincrby(key, field, value)
+            if last is not None:
+                pipe.hset(key, Stat.LAST_INFERENCE_MS, last)
+        try:
+            await pipe.execute()
+        except REDIS_DOWN as exc:
+            log.warning("could not write statistics (%s); keeping them for the next flush", exc)
+            for model_key, totals in stats.items():
+                for field, value in totals.items():
+                    self._stats[model_key][field] += value
+
+    async def _stats_loop(self) -> None:
+        while True:
+            await asyncio.sleep(STATS_FLUSH_S)
+            await self._flush_stats()
 
     def _description(self) -> bytes:
         return json.dumps({
