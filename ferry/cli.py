@@ -34,8 +34,10 @@ def _component(ns: argparse.Namespace) -> None:
     from ferry import lifecycle
     from ferry.repository import load_repository
 
-    cls = {"gateway": cfg.GatewaySettings, "broker": cfg.BrokerSettings, "worker": cfg.WorkerSettings}[ns.command]
-    settings = _settings(cls, ns)
+    classes: dict[str, type[cfg.CommonSettings]] = {
+        "gateway": cfg.GatewaySettings, "broker": cfg.BrokerSettings, "worker": cfg.WorkerSettings,
+    }
+    settings: cfg.CommonSettings = _settings(classes[ns.command], ns)
     lifecycle.setup_logging(settings.log_level, settings.log_json)
     repo = load_repository(settings.model_repository)
 
@@ -53,6 +55,7 @@ def _component(ns: argparse.Namespace) -> None:
         else:
             from workers.worker import Worker
 
+            assert isinstance(settings, cfg.WorkerSettings)
             component = Worker(settings, repo)
         watcher = asyncio.create_task(stop.wait())
         watcher.add_done_callback(lambda _: component.stop())

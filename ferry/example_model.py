@@ -6,6 +6,7 @@ tests can compare outputs bit for bit; nothing is downloaded.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ def build_onnx(seed: int = 0) -> bytes:
     rng = np.random.default_rng(seed)
     nodes, inits = [], []
     prev = INPUT
-    for i, (n_in, n_out) in enumerate(zip(LAYERS, LAYERS[1:], strict=False)):
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(LAYERS)):
         w = (rng.standard_normal((n_in, n_out)) / np.sqrt(n_in)).astype(np.float32)
         b = (rng.standard_normal(n_out) * 0.01).astype(np.float32)
         inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]

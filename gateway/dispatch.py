@@ -45,7 +45,8 @@ def _fail(fut: asyncio.Future[Reply], err: FerryError) -> None:
 
 def _expire(fut: asyncio.Future[Reply], mv: ModelVersion, timeout_s: float) -> None:
     if not fut.done():
-        fut.set_exception(DeadlineExceeded(f"no answer from model {mv.name!r} v{mv.version} within {timeout_s:.3f}s"))
+        message = f"no answer from model {mv.name!r} v{mv.version} within {timeout_s:.3f}s"
+        fut.set_exception(DeadlineExceeded(message))
 
 
 class Dispatcher:
@@ -134,7 +135,8 @@ class Dispatcher:
             for mv, queued in outbox.items():
                 stream = keys.request_stream(mv.name, mv.version)
                 for group in self._groups(mv, queued):
-                    pipe.xadd(stream, group_fields(self.settings.gateway_id, now_ns, [(c, r, p) for c, r, p, _ in group]))
+                    requests = [(c, r, p) for c, r, p, _ in group]
+                    pipe.xadd(stream, group_fields(self.settings.gateway_id, now_ns, requests))
                 futures += [q[3] for q in queued]
             try:
                 await pipe.execute()

@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable
 
 import grpc
+from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -23,7 +24,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 READINESS_INTERVAL_S = 0.5
 
 
-async def _track_readiness(service: InferenceService, health_servicer: health.aio.HealthServicer) -> None:
+async def _track_readiness(service: InferenceService, health_servicer: health_aio.HealthServicer) -> None:
     """Mirror ServerReady into grpc.health.v1 so load balancers and probes see it."""
     last = None
     while True:
@@ -51,7 +52,7 @@ async def serve(
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(SERVICE_NAME, method_handlers(service)),)
     )
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server

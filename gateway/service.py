@@ -23,7 +23,7 @@ from ferry.settings import GatewaySettings
 from gateway import statistics
 from gateway.dispatch import Dispatcher
 from gateway.liveness import LiveWorkers
-from gateway.status import describe, raise_for_reply
+from gateway.status import describe, raise_for_reply, unary
 from gateway.validate import RequestValidator
 from protos import grpc_service_pb2 as pb
 
@@ -77,7 +77,8 @@ class InferenceService:
         batch = [-1] if s.max_batch_size > 0 else []
 
         def meta(t: Any) -> Any:
-            return pb.ModelMetadataResponse.TensorMetadata(name=t.name, datatype=t.dtype.name, shape=batch + list(t.dims))
+            tm = pb.ModelMetadataResponse.TensorMetadata
+            return tm(name=t.name, datatype=t.dtype.name, shape=batch + list(t.dims))
 
         return pb.ModelMetadataResponse(
             name=mv.name,
@@ -216,10 +217,8 @@ UNARY_RPCS: dict[str, tuple[str, Any, Any]] = {
 }
 
 
-def method_handlers(service: InferenceService) -> dict[str, grpc.RpcMethodHandler]:
-    from gateway.status import unary
-
-    handlers: dict[str, grpc.RpcMethodHandler] = {}
+def method_handlers(service: InferenceService) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for rpc, (method, req_cls, resp_cls) in UNARY_RPCS.items():
         handlers[rpc] = grpc.unary_unary_rpc_method_handler(
             unary(rpc, getattr(service, method)),

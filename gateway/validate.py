@@ -88,7 +88,8 @@ class RequestValidator:
             if raw:
                 if t.HasField("contents"):
                     raise InvalidArgument(
-                        f"input {t.name!r}: has typed contents although raw_input_contents is used; use one or the other"
+                        f"input {t.name!r}: has typed contents although raw_input_contents is used; "
+                        "use one or the other"
                     )
                 self._check_raw(spec, count, raw[i])
             else:
@@ -131,7 +132,9 @@ class RequestValidator:
         given = [fd.name for fd, _ in tensor.contents.ListFields()]
         wrong = [g for g in given if g != field]
         if wrong:
-            raise InvalidArgument(f"{where}: {spec.dtype.name} data belongs in contents.{field}, not {', '.join(wrong)}")
+            raise InvalidArgument(
+                f"{where}: {spec.dtype.name} data belongs in contents.{field}, not {', '.join(wrong)}"
+            )
         n = len(getattr(tensor.contents, field))
         if n != count:
             raise InvalidArgument(f"{where}: contents.{field} has {n} elements; its shape needs {count}")

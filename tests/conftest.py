@@ -55,7 +55,8 @@ class Cluster:
         return proc
 
     def logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(self.logdir.glob("*.log")))
+        logs = sorted(self.logdir.glob("*.log"))
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in logs)
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
         client = tc.InferenceServerClient(self.url)

@@ -79,7 +79,8 @@ def test_raw_byte_length_element_count_missing_and_unexpected(cluster: Cluster) 
     req.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 256])
     req.raw_input_contents.append(b"\0" * 1023)
     err = call(req)
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "1023 bytes" in err.details() and "INPUT0" in err.details()
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "1023 bytes" in err.details() and "INPUT0" in err.details()
 
     req = _raw_request()
     t = req.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 256])
@@ -94,7 +95,8 @@ def test_raw_byte_length_element_count_missing_and_unexpected(cluster: Cluster) 
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "fp32_contents" in err.details()
 
     err = call(_raw_request())
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "missing input" in err.details() and "INPUT0" in err.details()
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "missing input" in err.details() and "INPUT0" in err.details()
 
     req = _raw_request()
     req.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 256]).contents.fp32_contents.extend([0.0] * 256)

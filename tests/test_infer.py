@@ -48,7 +48,8 @@ def test_health_and_metadata_rpcs(cluster: Cluster) -> None:
     ident = c.get_model_config("identity", as_json=True)["config"]
     assert {i["name"] for i in ident["input"]} == {f"IN_{t}" for t in IDENTITY_TYPES}
     index = c.get_model_repository_index(as_json=True)["models"]
-    assert {(m["name"], m["version"], m["state"]) for m in index} >= {("mlp", "1", "READY"), ("versioned", "2", "READY")}
+    states = {(m["name"], m["version"], m["state"]) for m in index}
+    assert states >= {("mlp", "1", "READY"), ("versioned", "2", "READY")}
 
 
 def test_outputs_match_onnxruntime_bit_for_bit(cluster: Cluster, repo: Path) -> None:
@@ -96,8 +97,10 @@ def test_requested_output_subset_and_versions(cluster: Cluster) -> None:
     for name in IDENTITY_TYPES:
         if name != "INT32":
             i = tc.InferInput(f"IN_{name}", [1, 4], name)
-            zeros = np.zeros((1, 4), dtype=IDENTITY_TYPES[name][1]) if name != "BYTES" else np.array([[b"x"] * 4], dtype=object)
-            i.set_data_from_numpy(zeros)
+            if name == "BYTES":
+                i.set_data_from_numpy(np.array([[b"x"] * 4], dtype=object))
+            else:
+                i.set_data_from_numpy(np.zeros((1, 4), dtype=IDENTITY_TYPES[name][1]))
             others.append(i)
     res = c.infer("identity", [a, *others], outputs=[tc.InferRequestedOutput("OUT_INT32")])
     assert [o.name for o in res.get_response().outputs] == ["OUT_INT32"]

@@ -56,10 +56,8 @@ class BatchRunner:
                 result.replies.append((m.gateway, encode_reply(m.corr, code, message.encode())))
                 result.stats[Stat.FAIL_COUNT] += 1
                 continue
-            if self.batched:
-                sig = tuple(s[1:] for s in d.shapes.values())
-            else:
-                sig = (id(d),)
+            # Only members whose non-batch dims agree can share a tensor.
+            sig: tuple[Any, ...] = tuple(d.shapes[n][1:] for n in self.specs) if self.batched else (id(d),)
             groups[sig].append((m, d))
         decode_ns = time.perf_counter_ns() - t0
         for group in groups.values():

@@ -1,0 +1,88 @@
+"""`ferry up` end to end, graceful stop, and Redis going away."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+from tritonclient.utils import InferenceServerException
+
+from ferry.cluster import free_port
+from tests.conftest import Cluster
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("FERRY_") and k != "REDIS_URL"}
+
+
+def test_ferry_up_serves_the_example_and_stops_cleanly(tmp_path: Path) -> None:
+    port = free_port()
+    up = subprocess.Popen([sys.executable, "-m", "ferry.cli", "up", "--grpc-port", str(port)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT, text=True)
+    try:
+        lines = []
+        deadline = time.monotonic() + 60
+        assert up.stdout is not None
+        while time.monotonic() < deadline:
+            line = up.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "Ctrl-C stops everything" in line:
+                break
+        text = "".join(lines)
+        assert f"127.0.0.1:{port}" in text and "ferry infer" in text, text
+        out = subprocess.run([sys.executable, "-m", "ferry.cli", "infer", "--url", f"127.0.0.1:{port}"],
+                             capture_output=True, text=True, timeout=30, env=_env(), cwd=ROOT)
+        assert out.returncode == 0, out.stderr
+        assert "OUTPUT0 FP32 [1, 10]" in out.stdout
+        up.send_signal(signal.SIGINT)
+        assert up.wait(60) == 0
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+    # Every child (and the Redis it started) is gone.
+    ps = subprocess.run(["pgrep", "-f", f"--grpc-port {port}"], capture_output=True, text=True)
+    assert ps.stdout.strip() == ""
+
+
+def test_redis_down_gives_unavailable_within_bounded_time(repo: Path, tmp_path: Path) -> None:
+    c = Cluster(repo, tmp_path)
+    try:
+        x = tc.InferInput("INPUT0", [1, 256], "FP32")
+        x.set_data_from_numpy(np.zeros((1, 256), np.float32))
+        client = c.client()
+        client.infer("mlp", [x])
+        c.redis.proc.send_signal(signal.SIGSTOP)  # unreachable: connections hang, nothing answers
+        t0 = time.monotonic()
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("mlp", [x], client_timeout=30)
+        elapsed = time.monotonic() - t0
+        assert str(info.value.status()) == "StatusCode.UNAVAILABLE", info.value.message()
+        assert "Redis" in info.value.message()
+        assert elapsed < 10  # redis_timeout_s (2 s) bounds it, not the client's 30 s
+        c.redis.proc.send_signal(signal.SIGCONT)
+        # Every component reconnects by itself once Redis answers again.
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                client.infer("mlp", [x], client_timeout=5)
+                break
+            except InferenceServerException:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+    finally:
+        c.redis.proc.send_signal(signal.SIGCONT)
+        c.stop()
+        c.close()
