@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,7 @@ async def main() -> None:
         "ServerMetadata": h(server_md, pb.ServerMetadataRequest, pb.ServerMetadataResponse),
         "ModelStatistics": h(stats, pb.ModelStatisticsRequest, pb.ModelStatisticsResponse),
     }
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=[("grpc.optimization_target", os.environ.get("OPT", "blend"))])
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("inference.GRPCInferenceService", handlers),))
     server.add_insecure_port(f"127.0.0.1:{args.port}")
     await server.start()

@@ -25,6 +25,7 @@ from broker.batcher import ModelQueue, Pending
 from broker.messages import batch_fields, parse_group
 from ferry.redis_conn import REDIS_DOWN, connect
 from ferry.repository import ModelVersion, Repository
+from ferry.resp import RespClient, stream_entries
 from ferry.settings import BrokerSettings
 
 log = logging.getLogger("ferry.broker")
@@ -46,7 +47,9 @@ class Broker:
     def __init__(self, settings: BrokerSettings, repo: Repository) -> None:
         self.settings = settings
         self.repo = repo
-        self.redis = connect(settings.redis_url, settings.redis_timeout_s, blocking_s=IDLE_BLOCK_MS / 1000)
+        self.redis = connect(settings.redis_url, settings.redis_timeout_s)
+        self._reads = RespClient(settings.redis_url, settings.redis_timeout_s + IDLE_BLOCK_MS / 1000)
+        self._writes = RespClient(settings.redis_url, settings.redis_timeout_s)
         self._stopping = asyncio.Event()
         self._queued = asyncio.Event()
         self._queues: dict[bytes, tuple[ModelVersion, ModelQueue]] = {}
@@ -83,19 +86,22 @@ class Broker:
             except REDIS_DOWN as exc:
                 log.error("could not hand over queued requests on shutdown: %s", exc)
             await self.redis.aclose()
+            await self._reads.close()
+            await self._writes.close()
             log.info("broker %s stopped after %d batches", self.settings.broker_id, self.batches_sent)
 
     async def _reader(self) -> None:
-        streams = {s: ">" for s in self._queues}
+        read: list[bytes | str | int] = [
+            "XREADGROUP", "GROUP", keys.BROKER_GROUP, self.settings.broker_id,
+            "COUNT", self.settings.read_count, "BLOCK", IDLE_BLOCK_MS, "STREAMS",
+            *self._queues, *([">"] * len(self._queues)),
+        ]
         backoff = 0.05
         while not self._stopping.is_set():
             try:
-                resp = await self.redis.xreadgroup(
-                    keys.BROKER_GROUP, self.settings.broker_id, streams,
-                    count=self.settings.read_count, block=IDLE_BLOCK_MS,
-                )
+                resp = stream_entries(await self._reads.call(*read))
                 now = time.monotonic()
-                for stream, entries in resp or ():
+                for stream, entries in resp:
                     _, queue = self._queues[stream]
                     for entry_id, fields in entries:
                         queue.add(Pending(entry_id, parse_group(fields), now))
@@ -127,16 +133,14 @@ class Broker:
                 await asyncio.sleep(0.05)
 
     async def _dispatch(self, now: float, *, drain: bool) -> None:
-        pipe = None
+        commands: list[list[bytes | str]] = []
         for stream, (mv, queue) in self._queues.items():
             for batch in queue.take_ready(now, drain=drain):
-                if pipe is None:
-                    pipe = self.redis.pipeline(transaction=False)
                 ids = [p.entry_id for p in batch]
-                pipe.xadd(keys.pool_stream(mv.settings.pool),
-                          batch_fields(mv.name, mv.version, [p.group for p in batch]))
-                pipe.xack(stream, keys.BROKER_GROUP, *ids)
-                pipe.xdel(stream, *ids)
+                xadd: list[bytes | str] = ["XADD", keys.pool_stream(mv.settings.pool), "*"]
+                for field, value in batch_fields(mv.name, mv.version, [p.group for p in batch]).items():
+                    xadd += (field, value)
+                commands += [xadd, ["XACK", stream, keys.BROKER_GROUP, *ids], ["XDEL", stream, *ids]]
                 self.batches_sent += 1
-        if pipe is not None:
-            await pipe.execute()
+        if commands:
+            await self._writes.execute(commands)

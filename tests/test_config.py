@@ -112,5 +112,5 @@ def test_settings_precedence() -> None:
     assert s.grpc_port == 9001 and s.redis_url == "redis://h:1"
     s = cfg.build(cfg.GatewaySettings, {"grpc_port": "9002"}, env={"FERRY_GRPC_PORT": "9001"})
     assert s.grpc_port == 9002
-    with pytest.raises(Exception, match="frozen|cannot assign"):
+    with pytest.raises(Exception, match=r"frozen|cannot assign"):
         s.grpc_port = 1  # type: ignore[misc]

@@ -15,6 +15,7 @@ load even when the broker dispatches immediately.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import socket
@@ -27,6 +28,7 @@ from broker.messages import Member, Stat, encode_reply, parse_batch
 from ferry.errors import Code
 from ferry.redis_conn import REDIS_DOWN, connect
 from ferry.repository import Repository
+from ferry.resp import RespClient, RespError, stream_entries
 from ferry.settings import WorkerSettings
 from workers.batch import BatchResult, BatchRunner
 from workers.runtime import load_runtime
@@ -54,8 +56,10 @@ class Worker:
         for mv in repo.all_versions():
             if mv.settings.pool == settings.pool:
                 self.models[mv.key] = BatchRunner(mv, load_runtime(settings, mv))
-        self.redis = connect(settings.redis_url, settings.redis_timeout_s, blocking_s=READ_BLOCK_MS / 1000)
-        self._push_reply = self.redis.register_script(scripts.PUSH_REPLY)
+        self.redis = connect(settings.redis_url, settings.redis_timeout_s)
+        self._reads = RespClient(settings.redis_url, settings.redis_timeout_s + READ_BLOCK_MS / 1000)
+        self._writes = RespClient(settings.redis_url, settings.redis_timeout_s)
+        self._push_reply_sha = hashlib.sha1(scripts.PUSH_REPLY.encode()).hexdigest()
         self._stopping = asyncio.Event()
         self._carry: list[_Claimed] = []
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="ferry-compute")
@@ -68,6 +72,7 @@ class Worker:
         self._stopping.set()
 
     async def run(self) -> None:
+        await self.redis.script_load(scripts.PUSH_REPLY)
         try:
             await self.redis.xgroup_create(self.stream, keys.WORKER_GROUP, id="0", mkstream=True)
         except Exception as exc:
@@ -97,13 +102,17 @@ class Worker:
             await self._unregister()
             self._compute.shutdown(wait=True)
             await self.redis.aclose()
+            await self._reads.close()
+            await self._writes.close()
             log.info("worker %s stopped after %d batches", self.settings.worker_id, self.batches_run)
 
     async def _read(self, count: int, block: int | None) -> list[_Claimed]:
-        resp = await self.redis.xreadgroup(
-            keys.WORKER_GROUP, self.settings.worker_id, {self.stream: ">"}, count=count, block=block
-        )
-        return [_Claimed(eid, fields) for _, entries in resp or () for eid, fields in entries if fields]
+        args: list[bytes | str | int] = ["XREADGROUP", "GROUP", keys.WORKER_GROUP, self.settings.worker_id,
+                                         "COUNT", count]
+        if block is not None:
+            args += ["BLOCK", block]
+        reply = await self._reads.call(*args, "STREAMS", self.stream, ">")
+        return [_Claimed(eid, fields) for _, entries in stream_entries(reply) for eid, fields in entries]
 
     async def _claim(self) -> list[_Claimed]:
         """Claimed batch entries of one model that together fit in one run."""
@@ -147,7 +156,6 @@ class Worker:
     async def _writer(self) -> None:
         while True:
             ids, results = await self._outbox.get()
-            pipe = self.redis.pipeline(transaction=False)
             by_key: dict[str, list[bytes]] = defaultdict(list)  # one bundle per gateway
             for model_key, result in results.items():
                 for key, reply in result.replies:
@@ -158,19 +166,23 @@ class Worker:
                         totals[field] = max(totals[field], value)
                     else:
                         totals[field] += value
-            for gateway, replies in by_key.items():
-                await self._push_reply(
-                    keys=[keys.gateway_alive(gateway), keys.reply_list(gateway)],
-                    args=[keys.REPLY_TTL_MS, b"".join(replies)], client=pipe,
-                )
-            pipe.xack(self.stream, keys.WORKER_GROUP, *ids)
-            pipe.xdel(self.stream, *ids)
+            commands: list[list[bytes | str | int]] = [
+                ["EVALSHA", self._push_reply_sha, 2, keys.gateway_alive(gateway), keys.reply_list(gateway),
+                 keys.REPLY_TTL_MS, b"".join(replies)]
+                for gateway, replies in by_key.items()
+            ]
+            commands += [["XACK", self.stream, keys.WORKER_GROUP, *ids], ["XDEL", self.stream, *ids]]
             delay = 0.05
             try:
                 while True:
                     try:
-                        await pipe.execute()
+                        await self._writes.execute(commands)
                         break
+                    except RespError as exc:
+                        if "NOSCRIPT" not in str(exc):
+                            raise
+                        # Redis restarted (or flushed its scripts) since we loaded it.
+                        await self._writes.call("SCRIPT", "LOAD", scripts.PUSH_REPLY)
                     except REDIS_DOWN as exc:
                         # The batch stays pending until its replies are written: retry, never drop.
                         log.warning("redis unreachable writing replies (%s); retrying", exc)
