@@ -55,9 +55,7 @@ class Broker:
         self._queues: dict[bytes, tuple[ModelVersion, ModelQueue]] = {}
         for mv in repo.all_versions():
             s = mv.settings
-            delay_us = s.max_queue_delay_us
-            if not delay_us and settings.max_queue_delay_us >= 0:
-                delay_us = settings.max_queue_delay_us
+            delay_us = settings.max_queue_delay_us if settings.max_queue_delay_us >= 0 else s.max_queue_delay_us
             queue = ModelQueue(s.max_batch_size, delay_us / 1e6, s.preferred_batch_sizes)
             self._queues[keys.request_stream(mv.name, mv.version).encode()] = (mv, queue)
         self.batches_sent = 0

@@ -84,7 +84,8 @@ class GatewaySettings(CommonSettings):
 class BrokerSettings(CommonSettings):
     broker_id: str = knob("", "unique id of this broker in Redis (default: host-pid-random)")
     max_queue_delay_us: int = knob(
-        -1, "batching window for models whose config sets no max_queue_delay_microseconds (-1: use config/0)"
+        -1, "batching window in microseconds for every model, overriding max_queue_delay_microseconds "
+        "in config.pbtxt (-1: use each model's config)"
     )
     read_count: int = knob(4096, "most requests read from Redis in one call")
 
@@ -102,7 +103,7 @@ class WorkerSettings(CommonSettings):
     worker_id: str = knob("", "unique id of this worker in Redis (default: host-pid-random)")
     intra_op_threads: int = knob(1, "onnxruntime intra-op threads per session (0 = one per core)")
     coalesce: int = knob(
-        8, "most queued batches of one model a worker merges into one run when it falls behind"
+        4, "most queued batches a worker claims in one read, merging those of one model into one run"
     )
 
     def __post_init__(self) -> None:

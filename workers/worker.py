@@ -6,10 +6,10 @@ each batch's replies, statistics and acknowledgement in one pipelined round
 trip.  A batch is acknowledged (XACK + XDEL) only in the same round trip that
 writes its replies, after them.
 
-When a worker falls behind, small batches queue on the pool stream; the
-reader then claims up to ``coalesce`` of them at once and merges those of the
-same model into one run (never over max_batch_size), so batch size grows with
-load even when the broker dispatches immediately.
+When a worker falls behind, batches queue on the pool stream; its next read
+claims up to ``coalesce`` of them at once and merges those of the same model
+into one run (never over max_batch_size), so batch size grows with load even
+when the broker's window is short.  Entries that do not fit are run next.
 """
 
 from __future__ import annotations
@@ -119,14 +119,14 @@ class Worker:
         if not self._carry:
             if self._stopping.is_set():
                 return []
-            self._carry = await self._read(1, READ_BLOCK_MS)
+            # One blocking read takes whatever queued up to ``coalesce`` entries:
+            # one when the worker keeps up, several to merge when it fell behind.
+            self._carry = await self._read(self.settings.coalesce, READ_BLOCK_MS)
             if not self._carry:
                 return []
         first = self._carry[0]
         runner = self.models.get((first.model, first.version))
         limit = runner.mv.settings.max_batch_size if runner else 0
-        if limit and first.rows < limit and self.settings.coalesce > len(self._carry):
-            self._carry += await self._read(self.settings.coalesce - len(self._carry), None)
         take, keep, rows = [first], [], first.rows
         for c in self._carry[1:]:
             if limit and (c.model, c.version) == (first.model, first.version) and rows + c.rows <= limit:
