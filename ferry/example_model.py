@@ -21,7 +21,7 @@ platform: "onnxruntime_onnx"
 max_batch_size: 32
 input [ {{ name: "{INPUT}" data_type: TYPE_FP32 dims: [ {LAYERS[0]} ] }} ]
 output [ {{ name: "{OUTPUT}" data_type: TYPE_FP32 dims: [ {LAYERS[-1]} ] }} ]
-dynamic_batching {{ max_queue_delay_microseconds: 2000 }}
+dynamic_batching {{ max_queue_delay_microseconds: 0 }}
 instance_group [ {{ kind: KIND_CPU count: 1 }} ]
 """
 

@@ -67,6 +67,10 @@ class GatewaySettings(CommonSettings):
         60.0, "longest a request may wait for its answer when the client sets no deadline (DEADLINE_EXCEEDED)"
     )
     gateway_id: str = knob("", "unique id of this gateway in Redis (default: host-pid-random)")
+    flush_interval_us: int = knob(
+        2000, "under load, send queued requests to Redis at most once per this many microseconds "
+        "(0: send as soon as possible); bigger groups cost less CPU per request, at up to this much latency"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -76,6 +80,8 @@ class GatewaySettings(CommonSettings):
             raise ConfigError("max_message_bytes must be at least 1024")
         if self.request_timeout_s <= 0:
             raise ConfigError("request_timeout_s must be > 0")
+        if not 0 <= self.flush_interval_us <= 100_000:
+            raise ConfigError("flush_interval_us must be between 0 and 100000")
         if not self.gateway_id:
             object.__setattr__(self, "gateway_id", _instance_id())
 
@@ -104,6 +110,11 @@ class WorkerSettings(CommonSettings):
     intra_op_threads: int = knob(1, "onnxruntime intra-op threads per session (0 = one per core)")
     coalesce: int = knob(
         4, "most queued batches a worker claims in one read, merging those of one model into one run"
+    )
+
+    compute_thread: bool = knob(
+        True, "run the model on a thread of its own so Redis I/O overlaps compute and replies leave sooner "
+        "(off: on the event loop, which costs less CPU per batch)"
     )
 
     def __post_init__(self) -> None:

@@ -4,7 +4,10 @@ Two long-lived tasks keep Redis work per request far below one round trip:
 
 * the *submitter* sends everything queued since its last round trip in one
   pipeline, as one request group per model version (split at
-  max_batch_size rows), so under load one XADD carries dozens of requests;
+  max_batch_size rows).  Under load it sends at most once per
+  ``flush_interval_us``, so one XADD carries many requests and every process
+  downstream wakes up less often; under light load (requests arrive one per
+  round trip) a request leaves at once;
 * the *listener* pops this gateway's reply list in bulk (LPOP ... COUNT; each
   element is a bundle of replies) and resolves each call's future by
   correlation number.
@@ -62,7 +65,11 @@ class Dispatcher:
         self._pending: dict[int, asyncio.Future[Reply]] = {}
         self._corr = itertools.count(1)
         self._outbox: dict[ModelVersion, list[_Queued]] = defaultdict(list)
-        self._wake = asyncio.Event()
+        self._ready = asyncio.Event()
+        self._last_flush = 0.0
+        self._last_group = 0
+        self._interval = settings.flush_interval_us / 1e6
+        self._timer: asyncio.TimerHandle | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.late_replies = 0
 
@@ -106,7 +113,13 @@ class Dispatcher:
         fut: asyncio.Future[Reply] = loop.create_future()
         self._pending[corr] = fut
         self._outbox[mv].append((corr, rows, payload, fut))
-        self._wake.set()
+        # Under light load (the last round trip carried a single request, or none
+        # was sent for a whole interval) a request leaves at once; otherwise it
+        # waits at most one interval for others to share its round trip.
+        if self._last_group < 2 or loop.time() - self._last_flush >= self._interval:
+            self._ready.set()
+        elif self._timer is None:
+            self._timer = loop.call_later(self._interval, self._ready.set)
         timer = loop.call_later(timeout_s, _expire, fut, mv, timeout_s)
         try:
             return await fut
@@ -130,11 +143,13 @@ class Dispatcher:
 
     async def _submitter(self) -> None:
         while True:
-            await self._wake.wait()
-            # One more turn of the event loop lets every call that gRPC has already
-            # delivered join this round trip: bigger groups, no added wait.
-            await asyncio.sleep(0)
-            self._wake.clear()
+            await self._ready.wait()
+            self._ready.clear()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._last_flush = asyncio.get_running_loop().time()
+            self._last_group = sum(len(q) for q in self._outbox.values())
             outbox, self._outbox = self._outbox, defaultdict(list)
             now_ns = time.time_ns()
             commands: list[list[bytes | str]] = []

@@ -148,8 +148,10 @@ class Worker:
             result.replies = [(m.gateway, encode_reply(m.corr, Code.UNAVAILABLE, msg.encode())) for m in members]
             await self._outbox.put((ids, {(first.model, first.version): result}))
             return
-        loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(self._compute, runner.run, members)
+        if self.settings.compute_thread:
+            result = await asyncio.get_running_loop().run_in_executor(self._compute, runner.run, members)
+        else:
+            result = runner.run(members)
         self.batches_run += 1
         await self._outbox.put((ids, {runner.mv.key: result}))
 
