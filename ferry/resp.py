@@ -32,8 +32,9 @@ class RespError(Exception):
     """Redis answered a command with an error (a bug or a misconfiguration, not an outage)."""
 
 
-def pack(args: Command) -> bytes:
-    out = [b"*%d\r\n" % len(args)]
+def pack_into(out: list[bytes], args: Command) -> None:
+    """Append one command's RESP encoding to ``out``; values are not copied (writev sends them)."""
+    out.append(b"*%d\r\n" % len(args))
     for a in args:
         if isinstance(a, str):
             a = a.encode()
@@ -42,7 +43,7 @@ def pack(args: Command) -> bytes:
         out.append(b"$%d\r\n" % len(a))
         out.append(a)
         out.append(b"\r\n")
-    return b"".join(out)
+
 
 
 class _Batch:
@@ -126,7 +127,10 @@ class RespClient:
             fut.set_exception(ConnectionError(f"Redis connection lost: {proto.lost}"))
             return fut
         proto.batches.append(_Batch(len(commands), fut))
-        proto.transport.write(b"".join(pack(c) for c in commands))
+        parts: list[bytes] = []
+        for c in commands:
+            pack_into(parts, c)
+        proto.transport.writelines(parts)
         return fut
 
     async def _connection(self) -> _Protocol:

@@ -35,7 +35,9 @@ def _instance_id() -> str:
 
 @dataclass(frozen=True)
 class CommonSettings:
-    redis_url: str = knob(DEFAULT_REDIS_URL, "Redis URL (redis:// or rediss://); also read from REDIS_URL")
+    redis_url: str = knob(
+        DEFAULT_REDIS_URL, "Redis URL (redis://, rediss:// or unix:///path?db=N); also read from REDIS_URL"
+    )
     model_repository: Path = knob(
         Path("models"), "model repository: <repo>/<model>/config.pbtxt and <repo>/<model>/<version>/model.onnx"
     )

@@ -114,3 +114,9 @@ def test_settings_precedence() -> None:
     assert s.grpc_port == 9002
     with pytest.raises(Exception, match=r"frozen|cannot assign"):
         s.grpc_port = 1  # type: ignore[misc]
+
+
+def test_configuration_docs_are_current() -> None:
+    proc = subprocess.run([sys.executable, "scripts/gen_config_docs.py", "--check"], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
