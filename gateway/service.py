@@ -17,6 +17,7 @@ import grpc
 
 import ferry
 from ferry.errors import InvalidArgument, NotFound, Unimplemented
+from ferry.pbwire import len_field
 from ferry.redis_conn import REDIS_DOWN, unavailable
 from ferry.repository import ModelVersion, Repository
 from ferry.settings import GatewaySettings
@@ -30,17 +31,6 @@ from protos import grpc_service_pb2 as pb
 log = logging.getLogger("ferry.gateway")
 
 EXTENSIONS = ["model_configuration", "statistics", "model_repository", "parameters"]
-# ModelStreamInferResponse field 2 (infer_response), length-delimited.
-_STREAM_RESPONSE_TAG = b"\x12"
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 class InferenceService:
@@ -159,7 +149,7 @@ class InferenceService:
         async def one(raw: bytes) -> None:
             try:
                 _, body = await self._infer(raw, self._timeout(context))
-                out.put_nowait(_STREAM_RESPONSE_TAG + _varint(len(body)) + body)
+                out.put_nowait(len_field(2, body))  # ModelStreamInferResponse.infer_response
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

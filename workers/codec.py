@@ -17,21 +17,9 @@ import numpy as np
 from ferry import datatypes
 from ferry.errors import InvalidArgument
 from ferry.model_config import TensorSpec
+from ferry.pbwire import len_field, varint
 from ferry.repository import ModelVersion
 from protos import grpc_service_pb2 as pb
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _len_field(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
 @dataclass(slots=True)
@@ -87,7 +75,7 @@ class ResponseEncoder:
     """Builds ModelInferResponse bytes for one model version."""
 
     def __init__(self, mv: ModelVersion) -> None:
-        self._prefix = _len_field(1, mv.name.encode()) + _len_field(2, str(mv.version).encode())
+        self._prefix = len_field(1, mv.name.encode()) + len_field(2, str(mv.version).encode())
         self.outputs = {t.name: t for t in mv.settings.outputs}
         self.all_outputs = tuple(t.name for t in mv.settings.outputs)
         self._tensor_cache: dict[tuple[str, tuple[int, ...]], bytes] = {}
@@ -96,10 +84,10 @@ class ResponseEncoder:
         key = (name, shape)
         cached = self._tensor_cache.get(key)
         if cached is None:
-            packed = b"".join(_varint(d) for d in shape)
-            body = (_len_field(1, name.encode()) + _len_field(2, self.outputs[name].dtype.name.encode())
-                    + _len_field(3, packed))
-            cached = _len_field(5, body)
+            packed = b"".join(varint(d) for d in shape)
+            body = (len_field(1, name.encode()) + len_field(2, self.outputs[name].dtype.name.encode())
+                    + len_field(3, packed))
+            cached = len_field(5, body)
             if len(self._tensor_cache) < 4096:
                 self._tensor_cache[key] = cached
         return cached
@@ -108,10 +96,10 @@ class ResponseEncoder:
         """``tensors``: (output name, shape, raw bytes) in response order."""
         parts = [self._prefix]
         if request_id:
-            parts.append(_len_field(3, request_id.encode()))
+            parts.append(len_field(3, request_id.encode()))
         for name, shape, _ in tensors:
             parts.append(self._tensor(name, shape))
         for _, _, data in tensors:
-            parts.append(b"\x32" + _varint(len(data)))  # field 6: raw_output_contents
+            parts.append(b"\x32" + varint(len(data)))  # field 6: raw_output_contents
             parts.append(data)
         return b"".join(parts)
