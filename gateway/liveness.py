@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from broker import keys
@@ -28,6 +29,9 @@ class LiveWorkers:
     def __init__(self, redis: Any, redis_url: str) -> None:
         self._redis = redis
         self._url = redis_url
+        # Called with each new view before calls can see it, so that anything derived
+        # from it (the gRPC health status) is never behind ServerReady.
+        self.on_refresh: Callable[[Counter[tuple[str, int]]], Awaitable[None]] | None = None
         self._served: Counter[tuple[str, int]] = Counter()
         self._error: FerryError | None = Unavailable("the gateway has not read the worker registry yet")
         self._changed = asyncio.Event()
@@ -48,12 +52,16 @@ class LiveWorkers:
             infos = await self._redis.mget([keys.worker_info(i.decode()) for i in ids]) if ids else []
         except REDIS_DOWN as exc:
             self._error = unavailable(self._url, exc)
+            if self.on_refresh is not None:
+                await self.on_refresh(Counter())
             return
         served: Counter[tuple[str, int]] = Counter()
         for raw in infos:
             if raw is not None:
                 for name, version in json.loads(raw)["models"]:
                     served[(name, int(version))] += 1
+        if self.on_refresh is not None:
+            await self.on_refresh(served)
         self._served, self._error = served, None
 
     async def _loop(self) -> None:

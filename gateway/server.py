@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+from collections import Counter
 from collections.abc import Callable
 
 import grpc
@@ -21,21 +21,22 @@ from protos import grpc_service_pb2 as pb
 log = logging.getLogger("ferry.gateway")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-READINESS_INTERVAL_S = 0.5
 
 
-async def _track_readiness(service: InferenceService, health_servicer: health_aio.HealthServicer) -> None:
-    """Mirror ServerReady into grpc.health.v1 so load balancers and probes see it."""
-    last = None
-    while True:
-        ready = await service.ready()
-        if ready != last:
+def _mirror_readiness(service: InferenceService, health_servicer: health_aio.HealthServicer) -> None:
+    """Keep grpc.health.v1 in step with ServerReady, for load balancers and probes."""
+    last: list[bool | None] = [None]
+
+    async def on_refresh(served: Counter[tuple[str, int]]) -> None:
+        ready = service.ready_with(lambda mv: served[mv.key])
+        if ready != last[0]:
             status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
             for name in ("", SERVICE_NAME):
                 await health_servicer.set(name, status)
             log.info("readiness: %s", "ready" if ready else "not ready (waiting for workers)")
-            last = ready
-        await asyncio.sleep(READINESS_INTERVAL_S)
+            last[0] = ready
+
+    service.live.on_refresh = on_refresh
 
 
 async def serve(
@@ -53,6 +54,8 @@ async def serve(
         (grpc.method_handlers_generic_handler(SERVICE_NAME, method_handlers(service)),)
     )
     health_servicer = health_aio.HealthServicer()
+    _mirror_readiness(service, health_servicer)
+    service.live.start()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
@@ -61,16 +64,12 @@ async def serve(
     if port == 0:
         raise OSError(f"cannot listen on {settings.host}:{settings.grpc_port}")
     await server.start()
-    readiness = asyncio.create_task(_track_readiness(service, health_servicer), name="readiness")
     log.info("gateway %s listening on %s:%d", settings.gateway_id, settings.host, port)
     if on_started:
         on_started(port)
     try:
         await stop.wait()
     finally:
-        readiness.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await readiness
         await health_servicer.enter_graceful_shutdown()
         # Calls in flight finish (their replies still arrive); new ones are refused.
         await server.stop(settings.grace_s)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -39,7 +39,6 @@ class InferenceService:
         self.repo = repo
         self.dispatcher = dispatcher
         self.live = LiveWorkers(dispatcher.redis, settings.redis_url)
-        self.live.start()
         self.validators = {mv.key: RequestValidator(mv) for mv in repo.all_versions()}
 
     # --- health and metadata -------------------------------------------------------
@@ -52,7 +51,10 @@ class InferenceService:
 
     async def ready(self) -> bool:
         """Every served model version has at least one live worker."""
-        return all(self.live.workers_for(mv) for mv in self.repo.all_versions())
+        return self.ready_with(lambda mv: self.live.workers_for(mv))
+
+    def ready_with(self, workers_for: Callable[[ModelVersion], int]) -> bool:
+        return all(workers_for(mv) for mv in self.repo.all_versions())
 
     async def model_ready(self, request: Any, context: Any) -> Any:
         mv = self.repo.get(request.name, request.version)
