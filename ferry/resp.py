@@ -156,9 +156,26 @@ class RespClient:
             self.drop()  # later replies would be matched to the wrong callers
             raise
         if raise_errors:
-            for r in replies:
-                if isinstance(r, hiredis.ReplyError):
-                    raise RespError(str(r))
+            _raise_first_error(replies)
+        return replies
+
+    def send_now(self, commands: Sequence[Command]) -> asyncio.Future[list[Any]] | None:
+        """Write ``commands`` immediately if connected (None if not); ``confirm`` the future later."""
+        proto = self._proto
+        if proto is None or proto.transport is None:
+            return None
+        return self._send(proto, commands)
+
+    async def confirm(self, sent: asyncio.Future[list[Any]], *, raise_errors: bool = True) -> list[Any]:
+        """Wait (within the timeout) for the replies of a ``send_now``."""
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                replies = await sent
+        except TimeoutError:
+            self.drop()
+            raise
+        if raise_errors:
+            _raise_first_error(replies)
         return replies
 
     async def call(self, *args: bytes | str | int | float, timeout_s: float | None = None) -> Any:
@@ -171,6 +188,12 @@ class RespClient:
 
     async def close(self) -> None:
         self.drop()
+
+
+def _raise_first_error(replies: list[Any]) -> None:
+    for r in replies:
+        if isinstance(r, hiredis.ReplyError):
+            raise RespError(str(r))
 
 
 def stream_entries(reply: Any) -> list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]:

@@ -8,8 +8,8 @@ Two long-lived tasks keep Redis work per request far below one round trip:
   ``flush_interval_us``, so one XADD carries many requests and every process
   downstream wakes up less often; under light load (requests arrive one per
   round trip) a request leaves at once;
-* the *listener* pops this gateway's reply list in bulk (LPOP ... COUNT; each
-  element is a bundle of replies) and resolves each call's future by
+* the *listener* pops this gateway's reply list in bulk (BLMPOP ... COUNT, or
+  LPOP ... COUNT on Redis 6.2; each element is a bundle of replies) and resolves each call's future by
   correlation number.
 
 A reply for a call that already gave up (deadline, cancel) finds no future
@@ -71,9 +71,15 @@ class Dispatcher:
         self._interval = settings.flush_interval_us / 1e6
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._blmpop = False
         self.late_replies = 0
 
     async def start(self) -> None:
+        try:
+            version = (await self.redis.info("server")).get("redis_version", "0")
+            self._blmpop = int(str(version).split(".")[0]) >= 7
+        except REDIS_DOWN as exc:
+            log.warning("cannot read the Redis version (%s); assuming Redis 6.2", exc)
         await self._heartbeat_once()
         self._tasks = [
             asyncio.create_task(self._submitter(), name="submitter"),
@@ -175,17 +181,23 @@ class Dispatcher:
                     _fail(fut, err)
 
     async def _listener(self) -> None:
-        # LPOP with a count drains everything queued in one round trip; only an
-        # empty list costs a blocking BLPOP.  (BLMPOP would do both, but needs
-        # Redis 7; this works from 6.2, the Redis that pip-installable builds ship.)
+        # Redis 7's BLMPOP waits and then pops everything queued in one round trip.
+        # Redis 6.2 (what pip-installable builds ship) has only LPOP with a count,
+        # so there an empty list costs a second, blocking BLPOP.
         backoff = 0.05
         listen = self._listen
         while True:
             try:
-                bundles: Any = await listen.call("LPOP", self.reply_key, POP_COUNT)
-                if not bundles:
-                    popped = await listen.call("BLPOP", self.reply_key, LISTEN_BLOCK_S)
-                    bundles = [popped[1]] if popped else ()
+                bundles: Any
+                if self._blmpop:
+                    popped = await listen.call("BLMPOP", LISTEN_BLOCK_S, 1, self.reply_key, "LEFT",
+                                               "COUNT", POP_COUNT)
+                    bundles = popped[1] if popped else ()
+                else:
+                    bundles = await listen.call("LPOP", self.reply_key, POP_COUNT)
+                    if not bundles:
+                        popped = await listen.call("BLPOP", self.reply_key, LISTEN_BLOCK_S)
+                        bundles = [popped[1]] if popped else ()
                 backoff = 0.05
             except REDIS_DOWN as exc:
                 log.warning("reply listener: redis unreachable (%s); retrying in %.2fs", exc, backoff)

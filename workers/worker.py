@@ -1,10 +1,10 @@
 """The worker process: take batches from its pool's stream, run them, reply, acknowledge.
 
-Two tasks overlap I/O with compute: the *reader* claims batches and runs them
-on a single compute thread (the model releases the GIL), the *writer* sends
-each batch's replies, statistics and acknowledgement in one pipelined round
-trip.  A batch is acknowledged (XACK + XDEL) only in the same round trip that
-writes its replies, after them.
+The main loop claims batches and runs them (on the event loop by default: a
+thread hand-off per batch costs more than it overlaps), then writes each batch's replies and its
+acknowledgement to the socket at once, replies first, so a batch is
+acknowledged (XACK + XDEL) only after its replies.  A *writer* task waits
+for Redis to confirm each write and retries it until it does.
 
 When a worker falls behind, batches queue on the pool stream; its next read
 claims up to ``coalesce`` of them at once and merges those of the same model
@@ -22,6 +22,7 @@ import socket
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from broker import keys, scripts
 from broker.messages import Member, Stat, encode_reply, parse_batch
@@ -63,7 +64,9 @@ class Worker:
         self._stopping = asyncio.Event()
         self._carry: list[_Claimed] = []
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="ferry-compute")
-        self._outbox: asyncio.Queue[tuple[list[bytes], dict[tuple[str, int], BatchResult]]] = asyncio.Queue(2)
+        self._outbox: asyncio.Queue[tuple[list[list[bytes | str | int]], asyncio.Future[list[Any]] | None]] = (
+            asyncio.Queue(4)
+        )
         self.batches_run = 0
         # Statistics accumulate here and reach Redis every STATS_FLUSH_S, not per batch.
         self._stats: dict[tuple[str, int], dict[str, int]] = defaultdict(lambda: defaultdict(int))
@@ -146,39 +149,46 @@ class Worker:
             result = BatchResult()
             msg = f"worker {self.settings.worker_id} does not serve model {first.model!r} v{first.version}"
             result.replies = [(m.gateway, encode_reply(m.corr, Code.UNAVAILABLE, msg.encode())) for m in members]
-            await self._outbox.put((ids, {(first.model, first.version): result}))
-            return
-        if self.settings.compute_thread:
+        elif self.settings.compute_thread:
             result = await asyncio.get_running_loop().run_in_executor(self._compute, runner.run, members)
         else:
             result = runner.run(members)
         self.batches_run += 1
-        await self._outbox.put((ids, {runner.mv.key: result}))
+        totals = self._stats[(first.model, first.version)]
+        for field, value in result.stats.items():
+            if field == Stat.LAST_INFERENCE_MS:
+                totals[field] = max(totals[field], value)
+            else:
+                totals[field] += value
+        commands = self._reply_commands(ids, result)
+        # Replies hit the socket now, before the next read; the writer only waits for
+        # Redis to confirm them (and retries if it did not).
+        await self._outbox.put((commands, self._writes.send_now(commands)))
+
+    def _reply_commands(self, ids: list[bytes], result: BatchResult) -> list[list[bytes | str | int]]:
+        """Replies first (one bundle per gateway), then the acknowledgement of the batch entries."""
+        by_gateway: dict[str, list[bytes]] = defaultdict(list)
+        for gateway, reply in result.replies:
+            by_gateway[gateway].append(reply)
+        commands: list[list[bytes | str | int]] = [
+            ["EVALSHA", self._push_reply_sha, 2, keys.gateway_alive(gateway), keys.reply_list(gateway),
+             keys.REPLY_TTL_MS, b"".join(replies)]
+            for gateway, replies in by_gateway.items()
+        ]
+        commands += [["XACK", self.stream, keys.WORKER_GROUP, *ids], ["XDEL", self.stream, *ids]]
+        return commands
 
     async def _writer(self) -> None:
         while True:
-            ids, results = await self._outbox.get()
-            by_key: dict[str, list[bytes]] = defaultdict(list)  # one bundle per gateway
-            for model_key, result in results.items():
-                for key, reply in result.replies:
-                    by_key[key].append(reply)
-                totals = self._stats[model_key]
-                for field, value in result.stats.items():
-                    if field == Stat.LAST_INFERENCE_MS:
-                        totals[field] = max(totals[field], value)
-                    else:
-                        totals[field] += value
-            commands: list[list[bytes | str | int]] = [
-                ["EVALSHA", self._push_reply_sha, 2, keys.gateway_alive(gateway), keys.reply_list(gateway),
-                 keys.REPLY_TTL_MS, b"".join(replies)]
-                for gateway, replies in by_key.items()
-            ]
-            commands += [["XACK", self.stream, keys.WORKER_GROUP, *ids], ["XDEL", self.stream, *ids]]
+            commands, sent = await self._outbox.get()
             delay = 0.05
             try:
                 while True:
                     try:
-                        await self._writes.execute(commands)
+                        if sent is None:
+                            await self._writes.execute(commands)
+                        else:
+                            await self._writes.confirm(sent)
                         break
                     except RespError as exc:
                         if "NOSCRIPT" not in str(exc):
@@ -190,9 +200,10 @@ class Worker:
                         log.warning("redis unreachable writing replies (%s); retrying", exc)
                         await asyncio.sleep(delay)
                         delay = min(delay * 2, 1.0)
+                    sent = None
             except Exception:
                 # A bug here must not stop the writer: the batch stays pending in Redis.
-                log.exception("writing replies for %d batch entries failed", len(ids))
+                log.exception("writing replies failed; the batch stays pending")
             finally:
                 self._outbox.task_done()
 
