@@ -18,6 +18,7 @@ perf_analyzer comes from ``benchmarks/install_perf_analyzer.sh``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import os
 import platform
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +83,8 @@ def sweep(pa: str, url: str, levels: list[int], interval_ms: int) -> list[dict[s
     return rows
 
 
-def run_ferry(pa: str, levels: list[int], interval_ms: int, workers: int, env_extra: dict[str, str]) -> list[dict]:
+@contextlib.contextmanager
+def ferry_cluster(workers: int, env_extra: dict[str, str]) -> Iterator[str]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FERRY_")} | env_extra
     up = subprocess.Popen([sys.executable, "-m", "ferry.cli", "up", "--grpc-port", str(port), "--workers",
@@ -91,22 +94,35 @@ def run_ferry(pa: str, levels: list[int], interval_ms: int, workers: int, env_ex
 
         if not wait_ready(f"127.0.0.1:{port}", 60):
             raise RuntimeError("ferry up did not become ready")
-        return sweep(pa, f"127.0.0.1:{port}", levels, interval_ms)
+        yield f"127.0.0.1:{port}"
     finally:
         up.send_signal(signal.SIGINT)
         up.wait(60)
 
 
-def run_plain(pa: str, levels: list[int], interval_ms: int) -> list[dict]:
+@contextlib.contextmanager
+def plain_server() -> Iterator[str]:
     port = free_port()
     srv = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "plain_server.py"), "--port", str(port)],
                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(f"127.0.0.1:{port}")
-        return sweep(pa, f"127.0.0.1:{port}", levels, interval_ms)
+        yield f"127.0.0.1:{port}"
     finally:
         srv.terminate()
         srv.wait(30)
+
+
+def median_rows(runs: list[list[dict[str, float]]]) -> list[dict[str, float]]:
+    """Per concurrency level, the run with the median throughput (its latencies go with it)."""
+    rows = []
+    for level_runs in zip(*runs, strict=True):
+        ok = sorted((r for r in level_runs if r["throughput"] == r["throughput"]), key=lambda r: r["throughput"])
+        pick = dict(ok[len(ok) // 2]) if ok else dict(level_runs[0])
+        pick["min"] = ok[0]["throughput"] if ok else float("nan")
+        pick["max"] = ok[-1]["throughput"] if ok else float("nan")
+        rows.append(pick)
+    return rows
 
 
 def run_ceiling(batches: list[int], seconds: float = 1.5) -> list[dict]:
@@ -134,8 +150,9 @@ def run_ceiling(batches: list[int], seconds: float = 1.5) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| concurrency | inferences/s | p50 ms | p99 ms |", "|---:|---:|---:|---:|"]
-    lines += [f"| {r['concurrency']} | {r['throughput']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} |" for r in rows]
+    lines = ["| concurrency | inferences/s (median) | range of runs | p50 ms | p99 ms |", "|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['concurrency']} | {r['throughput']:.0f} | {r['min']:.0f} to {r['max']:.0f} | {r['p50_ms']:.2f} "
+              f"| {r['p99_ms']:.2f} |" for r in rows]
     return "\n".join(lines)
 
 
@@ -147,6 +164,7 @@ def main() -> None:
     ap.add_argument("--max-queue-delay-us", type=int, default=None,
                     help="override the example model's batching window (FERRY_MAX_QUEUE_DELAY_US)")
     ap.add_argument("--skip-plain", action="store_true")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per server; tables show the median")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
@@ -154,22 +172,32 @@ def main() -> None:
     env = {} if args.max_queue_delay_us is None else {"FERRY_MAX_QUEUE_DELAY_US": str(args.max_queue_delay_us)}
     print("ceiling: in-process onnxruntime, 1 thread")
     ceiling = run_ceiling(levels)
-    print("ferry")
-    ferry = run_ferry(pa, levels, args.interval_ms, args.workers, env)
-    plain = []
-    if not args.skip_plain:
-        print("plain grpc.aio server")
-        plain = run_plain(pa, levels, args.interval_ms)
+    ferry_runs: list[list[dict[str, float]]] = []
+    plain_runs: list[list[dict[str, float]]] = []
+    # Both servers stay up and are measured in turn, so slow phases of a shared
+    # machine hit both alike; each figure is the median of --repeat runs.
+    with contextlib.ExitStack() as stack:
+        ferry_url = stack.enter_context(ferry_cluster(args.workers, env))
+        plain_url = None if args.skip_plain else stack.enter_context(plain_server())
+        for rep in range(args.repeat):
+            print(f"ferry (run {rep + 1})")
+            ferry_runs.append(sweep(pa, ferry_url, levels, args.interval_ms))
+            if plain_url:
+                print(f"plain grpc.aio server (run {rep + 1})")
+                plain_runs.append(sweep(pa, plain_url, levels, args.interval_ms))
+    ferry = median_rows(ferry_runs)
+    plain = median_rows(plain_runs) if plain_runs else []
     cpu = platform.processor() or platform.machine()
     with open("/proc/cpuinfo") as f:
         model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     peak_f = max(ferry, key=lambda r: r["throughput"])
     body = f"""# Benchmarks
 
-Regenerate with `.venv/bin/python benchmarks/sweep.py` (about five minutes).
+Regenerate with `.venv/bin/python benchmarks/sweep.py` (about fifteen minutes).
 Everything below ran on one machine in one run: {os.cpu_count()} cores ({model}), {platform.system()}.
 The client (perf_analyzer, batch-1 gRPC requests, `-i grpc`, synchronous calls) shares those cores
-with the servers, as it does in every figure here.
+with the servers, as it does in every figure here. Ferry and the plain server were measured in turn,
+{args.repeat} sweeps each; each row is the median run (its p50/p99 go with it) and the range of the runs.
 
 Model: the bundled example MLP 256→1024→1024→10 FP32 (`ferry example-model`), max_batch_size 32,
 batching window {args.max_queue_delay_us if args.max_queue_delay_us is not None else "from config.pbtxt"} µs.

@@ -18,29 +18,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
 
 from broker import keys
 from broker.batcher import ModelQueue, Pending
 from broker.messages import batch_fields, parse_group
-from ferry.redis_conn import REDIS_DOWN, connect
+from ferry.redis_conn import REDIS_DOWN, connect, ensure_group
 from ferry.repository import ModelVersion, Repository
-from ferry.resp import RespClient, stream_entries
+from ferry.resp import RespClient, RespError, stream_entries
 from ferry.settings import BrokerSettings
 
 log = logging.getLogger("ferry.broker")
 
 IDLE_BLOCK_MS = 200  # how often an idle reader looks at its stop flag
 TIMER_SLACK_S = 0.001
-
-
-async def ensure_group(redis: Any, stream: str, group: str) -> None:
-    """Create a consumer group (and its stream) if missing; reading from id 0 loses nothing."""
-    try:
-        await redis.xgroup_create(stream, group, id="0", mkstream=True)
-    except Exception as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
 
 
 class Broker:
@@ -111,6 +101,12 @@ class Broker:
                 log.warning("redis unreachable (%s); retrying in %.2fs", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
+            except RespError as exc:
+                if not exc.group_lost:
+                    raise
+                # Redis lost its data (restart without persistence, FLUSHALL): recreate.
+                log.warning("consumer groups are gone (%s); recreating them", exc)
+                await self.setup()
 
     async def _timer(self) -> None:
         while True:

@@ -28,3 +28,12 @@ def unavailable(url: str, exc: BaseException) -> Unavailable:
     # Never echo credentials that may be embedded in the URL.
     where = url.split("@")[-1]
     return Unavailable(f"Redis at {where} is unreachable ({type(exc).__name__}: {exc}); retry later")
+
+
+async def ensure_group(redis: Any, stream: str, group: str) -> None:
+    """Create a consumer group (and its stream) if missing; starting at id 0 skips nothing queued before it."""
+    try:
+        await redis.xgroup_create(stream, group, id="0", mkstream=True)
+    except rexc.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise

@@ -31,6 +31,12 @@ Command = Sequence[bytes | str | int | float]
 class RespError(Exception):
     """Redis answered a command with an error (a bug or a misconfiguration, not an outage)."""
 
+    @property
+    def group_lost(self) -> bool:
+        """The stream or its consumer group vanished (Redis lost its data): recreate, do not crash."""
+        text = str(self)
+        return text.startswith(("NOGROUP", "UNBLOCKED"))
+
 
 def pack_into(out: list[bytes], args: Command) -> None:
     """Append one command's RESP encoding to ``out``; values are not copied (writev sends them)."""

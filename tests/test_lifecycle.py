@@ -86,3 +86,27 @@ def test_redis_down_gives_unavailable_within_bounded_time(repo: Path, tmp_path: 
         c.redis.proc.send_signal(signal.SIGCONT)
         c.stop()
         c.close()
+
+
+def test_cluster_recovers_when_redis_loses_its_data(repo: Path, tmp_path: Path) -> None:
+    """A Redis restarted without persistence (here: FLUSHALL) loses groups and registrations; all come back."""
+    c = Cluster(repo, tmp_path)
+    try:
+        x = tc.InferInput("INPUT0", [1, 256], "FP32")
+        x.set_data_from_numpy(np.zeros((1, 256), np.float32))
+        client = c.client()
+        client.infer("mlp", [x])
+        c.redis_client().flushall()
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                client.infer("mlp", [x], client_timeout=5)
+                break
+            except InferenceServerException:
+                if time.monotonic() > deadline:
+                    raise AssertionError(c.logs()) from None
+                time.sleep(0.1)
+    finally:
+        codes = c.stop()
+        c.close()
+    assert all(code == 0 for group in codes.values() for code in group), codes

@@ -27,7 +27,7 @@ from typing import Any
 from broker import keys, scripts
 from broker.messages import Member, Stat, encode_reply, parse_batch
 from ferry.errors import Code
-from ferry.redis_conn import REDIS_DOWN, connect
+from ferry.redis_conn import REDIS_DOWN, connect, ensure_group
 from ferry.repository import Repository
 from ferry.resp import RespClient, RespError, stream_entries
 from ferry.settings import WorkerSettings
@@ -76,11 +76,7 @@ class Worker:
 
     async def run(self) -> None:
         await self.redis.script_load(scripts.PUSH_REPLY)
-        try:
-            await self.redis.xgroup_create(self.stream, keys.WORKER_GROUP, id="0", mkstream=True)
-        except Exception as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        await ensure_group(self.redis, self.stream, keys.WORKER_GROUP)
         heartbeat = asyncio.create_task(self._heartbeat(), name="heartbeat")
         writer = asyncio.create_task(self._writer(), name="writer")
         stats = asyncio.create_task(self._stats_loop(), name="stats")
@@ -93,6 +89,13 @@ class Worker:
                 except REDIS_DOWN as exc:
                     log.warning("redis unreachable (%s); retrying", exc)
                     await asyncio.sleep(0.2)
+                    continue
+                except RespError as exc:
+                    if not exc.group_lost:
+                        raise
+                    # Redis lost its data (restart without persistence, FLUSHALL): recreate.
+                    log.warning("consumer group is gone (%s); recreating it", exc)
+                    await ensure_group(self.redis, self.stream, keys.WORKER_GROUP)
                     continue
                 if claimed:
                     await self._execute(claimed)
