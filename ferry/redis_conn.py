@@ -13,12 +13,15 @@ from ferry.errors import Unavailable
 REDIS_DOWN = (rexc.ConnectionError, rexc.TimeoutError, OSError)
 
 
-def connect(url: str, timeout_s: float, *, blocking_s: float = 0.0, max_connections: int = 64) -> Any:
-    """A client whose every call ends within ``timeout_s`` (+ ``blocking_s`` for blocking reads)."""
+def connect(url: str, timeout_s: float, *, max_connections: int = 64) -> Any:
+    """A redis-py client (setup, heartbeats, statistics) whose every call ends within ``timeout_s``.
+
+    The data path uses ferry.resp instead; blocking reads live there too.
+    """
     return aioredis.Redis.from_url(
         url,
         socket_connect_timeout=timeout_s,
-        socket_timeout=timeout_s + blocking_s,
+        socket_timeout=timeout_s,
         max_connections=max_connections,
         decode_responses=False,
     )

@@ -20,6 +20,20 @@ from tests.conftest import Cluster
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _infer_eventually(c: Cluster, x: tc.InferInput, within_s: float = 20) -> None:
+    """Retry until the cluster answers again (components reconnect on their own)."""
+    client = c.client()
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            client.infer("mlp", [x], client_timeout=5)
+            return
+        except InferenceServerException:
+            if time.monotonic() > deadline:
+                raise AssertionError(c.logs()) from None
+            time.sleep(0.1)
+
+
 def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("FERRY_") and k != "REDIS_URL"}
 
@@ -72,16 +86,7 @@ def test_redis_down_gives_unavailable_within_bounded_time(repo: Path, tmp_path: 
         assert "Redis" in info.value.message()
         assert elapsed < 10  # redis_timeout_s (2 s) bounds it, not the client's 30 s
         c.redis.proc.send_signal(signal.SIGCONT)
-        # Every component reconnects by itself once Redis answers again.
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                client.infer("mlp", [x], client_timeout=5)
-                break
-            except InferenceServerException:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+        _infer_eventually(c, x)
     finally:
         c.redis.proc.send_signal(signal.SIGCONT)
         c.stop()
@@ -97,15 +102,7 @@ def test_cluster_recovers_when_redis_loses_its_data(repo: Path, tmp_path: Path) 
         client = c.client()
         client.infer("mlp", [x])
         c.redis_client().flushall()
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                client.infer("mlp", [x], client_timeout=5)
-                break
-            except InferenceServerException:
-                if time.monotonic() > deadline:
-                    raise AssertionError(c.logs()) from None
-                time.sleep(0.1)
+        _infer_eventually(c, x)
     finally:
         codes = c.stop()
         c.close()
