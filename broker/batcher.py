@@ -43,6 +43,10 @@ class ModelQueue:
     def add(self, pending: Pending) -> None:
         self._queue.append(pending)
 
+    def requeue(self, batch: list[Pending]) -> None:
+        """Put a batch that could not be handed over back at the front, in order."""
+        self._queue.extendleft(reversed(batch))
+
     def next_due(self) -> float | None:
         """Monotonic time at which the oldest request's wait runs out."""
         return self._queue[0].arrived + self.max_delay_s if self._queue else None

@@ -16,6 +16,7 @@ acknowledged, so a broker that dies in between leaves them pending, not lost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -116,8 +117,12 @@ class Broker:
                 await self._queued.wait()
                 continue
             wait = min(due) - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
+            if wait > TIMER_SLACK_S:
+                # Wake early when new requests arrive: another model's window may close sooner.
+                self._queued.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._queued.wait(), wait)
+                continue
             try:
                 # Event-loop timers may fire up to a millisecond early; without the
                 # slack the timer would spin until the window really closes.
@@ -125,11 +130,17 @@ class Broker:
             except REDIS_DOWN as exc:
                 log.warning("redis unreachable dispatching (%s)", exc)
                 await asyncio.sleep(0.05)
+            except Exception:
+                # A bug or an unexpected Redis answer must not stop batching for good.
+                log.exception("dispatching failed; retrying")
+                await asyncio.sleep(0.5)
 
     async def _dispatch(self, now: float, *, drain: bool) -> None:
         commands: list[list[bytes | str]] = []
+        taken: list[tuple[ModelQueue, list[Pending]]] = []
         for stream, (mv, queue) in self._queues.items():
             for batch in queue.take_ready(now, drain=drain):
+                taken.append((queue, batch))
                 ids = [p.entry_id for p in batch]
                 xadd: list[bytes | str] = ["XADD", keys.pool_stream(mv.settings.pool), "*"]
                 for field, value in batch_fields(mv.name, mv.version, [p.group for p in batch]).items():
@@ -137,4 +148,14 @@ class Broker:
                 commands += [xadd, ["XACK", stream, keys.BROKER_GROUP, *ids], ["XDEL", stream, *ids]]
                 self.batches_sent += 1
         if commands:
-            await self._writes.execute(commands)
+            try:
+                await self._writes.execute(commands)
+            except BaseException:
+                # Not handed over: back to the front of their queues, to go out on the
+                # next attempt (a batch that did reach Redis is then sent twice, and the
+                # gateway drops the second reply).
+                for queue, batch in reversed(taken):
+                    queue.requeue(batch)
+                self.batches_sent -= len(taken)
+                self._queued.set()
+                raise

@@ -80,7 +80,8 @@ def start_redis(
     sock = Path(workdir.name) / "redis.sock"
     if unix_socket:
         args += ["--unixsocket", str(sock), "--unixsocketperm", "700"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Its own session: Ctrl-C on the terminal must not stop Redis before the components drain.
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -102,7 +103,9 @@ def start_redis(
 
 
 def _spawn(role: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "ferry.cli", role, *args], env=env)
+    # Own session: a terminal's Ctrl-C reaches only `ferry up`, which then stops the
+    # children one tier at a time; a signal to all at once would cut their drain short.
+    return subprocess.Popen([sys.executable, "-m", "ferry.cli", role, *args], env=env, start_new_session=True)
 
 
 def wait_ready(address: str, timeout_s: float) -> bool:
@@ -139,6 +142,7 @@ def up(model_repository: Path | None, grpc_port: int, workers: int, host: str, r
     env["FERRY_MODEL_REPOSITORY"] = str(model_repository)
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
     stopping = False
+    grpc_port = grpc_port or free_port()
 
     def on_signal(signum: int, _frame: object) -> None:
         nonlocal stopping
@@ -151,7 +155,8 @@ def up(model_repository: Path | None, grpc_port: int, workers: int, host: str, r
         for _ in range(workers):
             procs.append(("worker", _spawn("worker", ["--pool", "cpu"], env)))
         procs.append(("gateway", _spawn("gateway", ["--grpc-port", str(grpc_port), "--host", host], env)))
-        address = f"127.0.0.1:{grpc_port}"
+        probe_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        address = f"{probe_host}:{grpc_port}"
         if not wait_ready(address, 60):
             print("ferry up: the gateway did not become ready within 60s", file=sys.stderr)
             return 1

@@ -54,9 +54,6 @@ _TABLE = [
 
 BY_NAME: dict[str, DataType] = {d.name: d for d in _TABLE}
 BY_CONFIG_NAME: dict[str, DataType] = {d.config_name: d for d in _TABLE}
-CONTENTS_FIELDS: tuple[str, ...] = tuple(
-    sorted({d.contents_field for d in _TABLE if d.contents_field})
-)
 
 # ONNX TensorProto.DataType numbers -> OIP names (onnx.TensorProto enum values).
 ONNX_TO_OIP: dict[int, str] = {

@@ -58,8 +58,6 @@ class ModelSettings:
     max_queue_delay_us: int
     preferred_batch_sizes: tuple[int, ...]
     pool: str
-    instance_count: int
-    model_filename: str
     config: Any  # the completed mc.ModelConfig, served by the ModelConfig RPC
 
 
@@ -190,16 +188,18 @@ def load_model_settings(model_dir: Path, model_file: Path) -> ModelSettings:
     if config.HasField("dynamic_batching") and max_batch == 0:
         raise _fail(path, "dynamic_batching", "requires max_batch_size > 0")
 
-    count = 0
     for i, group in enumerate(config.instance_group):
         _check_fields(path, f"instance_group[{i}].", group, _SUPPORTED_INSTANCE)
         if group.kind not in (mc.ModelInstanceGroup.KIND_AUTO, mc.ModelInstanceGroup.KIND_CPU):
             raise _fail(path, f"instance_group[{i}].kind",
                         f"{mc.ModelInstanceGroup.Kind.Name(group.kind)} is not served by the CPU "
                         "pool yet; use KIND_CPU or KIND_AUTO")
+        if group.count > 1:
+            raise _fail(path, f"instance_group[{i}].count",
+                        "a worker runs one instance of each model; scale with more workers "
+                        "(`ferry up --workers N`, or more `ferry worker` processes)")
         if group.count < 0:
             raise _fail(path, f"instance_group[{i}].count", "must be >= 0")
-        count += group.count or 1
 
     params: dict[str, str] = {}
     for key, value in config.parameters.items():
@@ -236,7 +236,5 @@ def load_model_settings(model_dir: Path, model_file: Path) -> ModelSettings:
         max_queue_delay_us=int(db.max_queue_delay_microseconds),
         preferred_batch_sizes=preferred,
         pool=pool,
-        instance_count=max(count, 1),
-        model_filename=config.default_model_filename or "model.onnx",
         config=completed,
     )

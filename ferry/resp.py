@@ -196,10 +196,21 @@ class RespClient:
         self.drop()
 
 
+class RedisBusy(ConnectionError):
+    """Redis is up but cannot serve yet (loading its data, busy script, failing over): retry later."""
+
+
+# Error replies that say "not now" rather than "wrong": treated like an outage (retried).
+TRANSIENT = ("LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
+
+
 def _raise_first_error(replies: list[Any]) -> None:
     for r in replies:
         if isinstance(r, hiredis.ReplyError):
-            raise RespError(str(r))
+            text = str(r)
+            if text.startswith(TRANSIENT):
+                raise RedisBusy(text)
+            raise RespError(text)
 
 
 def stream_entries(reply: Any) -> list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]:

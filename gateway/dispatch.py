@@ -90,7 +90,7 @@ class Dispatcher:
     async def _heartbeat_once(self) -> None:
         try:
             await self.redis.set(self.alive_key, b"1", px=keys.HEARTBEAT_TTL_MS)
-        except REDIS_DOWN as exc:
+        except Exception as exc:  # down, or refusing writes (OOM): try again next beat
             log.warning("gateway heartbeat failed: %s", exc)
 
     async def _heartbeat(self) -> None:
@@ -203,6 +203,11 @@ class Dispatcher:
                 log.warning("reply listener: redis unreachable (%s); retrying in %.2fs", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
+                continue
+            except Exception:
+                # Without the listener every call would hang: log, back off, go on.
+                log.exception("reply listener failed; retrying")
+                await asyncio.sleep(0.5)
                 continue
             pending = self._pending
             for bundle in bundles:

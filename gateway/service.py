@@ -128,7 +128,7 @@ class InferenceService:
         limit = self.settings.request_timeout_s
         return limit if remaining is None else min(remaining, limit)
 
-    async def _infer(self, raw: bytes, timeout_s: float) -> tuple[Any, bytes]:
+    async def _infer(self, raw: bytes, timeout_s: float) -> bytes:
         try:
             req = pb.ModelInferRequest.FromString(raw)
         except Exception:
@@ -137,11 +137,10 @@ class InferenceService:
         rows = self.validators[mv.key].rows(req)
         self.live.require(mv)
         code, body = await self.dispatcher.submit(mv, rows, raw, timeout_s)
-        return req, raise_for_reply(code, body)
+        return raise_for_reply(code, body)
 
     async def model_infer(self, raw: bytes, context: Any) -> bytes:
-        _, body = await self._infer(raw, self._timeout(context))
-        return body
+        return await self._infer(raw, self._timeout(context))
 
     async def model_stream_infer(self, requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
         """Answer each streamed request as soon as it completes (not in order), like Triton."""
@@ -150,7 +149,7 @@ class InferenceService:
 
         async def one(raw: bytes) -> None:
             try:
-                _, body = await self._infer(raw, self._timeout(context))
+                body = await self._infer(raw, self._timeout(context))
                 out.put_nowait(len_field(2, body))  # ModelStreamInferResponse.infer_response
             except asyncio.CancelledError:
                 raise

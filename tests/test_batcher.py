@@ -60,3 +60,15 @@ def test_drain_sends_partial_batches() -> None:
     q.add(_pending(0, 3, 0.0))
     assert q.take_ready(0.0) == []
     assert [len(b) for b in q.take_ready(0.0, drain=True)] == [1]
+
+
+def test_requeued_batch_goes_out_first_and_in_order() -> None:
+    q = ModelQueue(2, 0.0)
+    for i in range(5):
+        q.add(_pending(i, 1, 0.0))
+    first, second, third = q.take_ready(0.0)
+    q.requeue(third)
+    q.requeue(second)
+    again = q.take_ready(0.0)
+    assert [[p.entry_id for p in b] for b in again] == [[b"2-0", b"3-0"], [b"4-0"]]
+    assert [p.entry_id for p in first] == [b"0-0", b"1-0"]

@@ -57,6 +57,7 @@ CASES = {
     "version": ('max_batch_size: 4\nversion_policy { specific { versions: [7] } }\n', "versions [7]"),
     "delay": ('max_batch_size: 0\ndynamic_batching { }\n', "dynamic_batching: requires max_batch_size"),
     "kind": ('max_batch_size: 4\ninstance_group [{ kind: KIND_GPU }]\n', "instance_group[0].kind"),
+    "count": ('max_batch_size: 4\ninstance_group [{ kind: KIND_CPU count: 2 }]\n', "scale with more workers"),
 }
 
 

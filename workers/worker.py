@@ -1,10 +1,13 @@
 """The worker process: take batches from its pool's stream, run them, reply, acknowledge.
 
 The main loop claims batches and runs them (on the event loop by default: a
-thread hand-off per batch costs more than it overlaps), then writes each batch's replies and its
-acknowledgement to the socket at once, replies first, so a batch is
-acknowledged (XACK + XDEL) only after its replies.  A *writer* task waits
-for Redis to confirm each write and retries it until it does.
+thread hand-off per batch costs more than it overlaps), then writes each
+batch's replies and its acknowledgement (XACK + XDEL) to the socket at once,
+in one pipeline, replies first.  (The pipeline is not a transaction: if Redis
+refuses a reply but accepts the acknowledgement, e.g. at maxmemory, that
+reply is lost; making this exactly-once is the reliability issue's work.)
+A *writer* task waits for Redis to confirm each write and retries it until
+it does.
 
 When a worker falls behind, batches queue on the pool stream; its next read
 claims up to ``coalesce`` of them at once and merges those of the same model
@@ -215,12 +218,14 @@ class Worker:
             return
         stats, self._stats = self._stats, defaultdict(lambda: defaultdict(int))
         pipe = self.redis.pipeline(transaction=False)
+        lasts: dict[tuple[str, int], int] = {}
         for (name, version), totals in stats.items():
             key = keys.stats_hash(name, version)
             last = totals.pop(Stat.LAST_INFERENCE_MS, None)
             for field, value in totals.items():
                 pipe.hincrby(key, field, value)
             if last is not None:
+                lasts[(name, version)] = last
                 pipe.hset(key, Stat.LAST_INFERENCE_MS, last)
         try:
             await pipe.execute()
@@ -229,11 +234,17 @@ class Worker:
             for model_key, totals in stats.items():
                 for field, value in totals.items():
                     self._stats[model_key][field] += value
+            for model_key, last in lasts.items():
+                current = self._stats[model_key]
+                current[Stat.LAST_INFERENCE_MS] = max(current[Stat.LAST_INFERENCE_MS], last)
 
     async def _stats_loop(self) -> None:
         while True:
             await asyncio.sleep(STATS_FLUSH_S)
-            await self._flush_stats()
+            try:
+                await self._flush_stats()
+            except Exception:
+                log.exception("writing statistics failed")
 
     def _description(self) -> bytes:
         return json.dumps({
@@ -252,7 +263,7 @@ class Worker:
                 pipe.set(keys.worker_info(self.settings.worker_id), info, px=keys.HEARTBEAT_TTL_MS)
                 pipe.zremrangebyscore(keys.WORKERS, "-inf", now_ms)
                 await pipe.execute()
-            except REDIS_DOWN as exc:
+            except Exception as exc:  # down, or refusing writes (OOM): try again next beat
                 log.warning("heartbeat failed: %s", exc)
             await asyncio.sleep(keys.HEARTBEAT_INTERVAL_S)
 
