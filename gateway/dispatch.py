@@ -26,7 +26,7 @@ from collections import defaultdict
 from typing import Any
 
 from broker import keys
-from broker.messages import group_fields, iter_replies
+from broker.messages import Stat, group_fields, iter_replies
 from ferry.errors import DeadlineExceeded, FerryError, Unavailable
 from ferry.redis_conn import REDIS_DOWN, connect, unavailable
 from ferry.repository import ModelVersion
@@ -132,6 +132,13 @@ class Dispatcher:
         finally:
             timer.cancel()
             del self._pending[corr]
+
+    def count_failure(self, mv: ModelVersion, ns: int) -> None:
+        """Add a failed request to the model's statistics, without waiting (best effort)."""
+        key = keys.stats_hash(mv.name, mv.version)
+        sent = self._resp.send_now([["HINCRBY", key, Stat.FAIL_COUNT, 1], ["HINCRBY", key, Stat.FAIL_NS, ns]])
+        if sent is not None:
+            sent.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     def _groups(self, mv: ModelVersion, queued: list[_Queued]) -> list[list[_Queued]]:
         limit = mv.settings.max_batch_size

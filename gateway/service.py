@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 
 import ferry
-from ferry.errors import InvalidArgument, NotFound, Unimplemented
+from ferry.errors import FerryError, InvalidArgument, NotFound, Unimplemented
 from ferry.pbwire import len_field
 from ferry.redis_conn import REDIS_DOWN, unavailable
 from ferry.repository import ModelVersion, Repository
@@ -134,9 +135,15 @@ class InferenceService:
         except Exception:
             raise InvalidArgument("request is not a valid ModelInferRequest message") from None
         mv: ModelVersion = self.repo.get(req.model_name, req.model_version)
-        rows = self.validators[mv.key].rows(req)
-        self.live.require(mv)
-        code, body = await self.dispatcher.submit(mv, rows, raw, timeout_s)
+        started = time.perf_counter_ns()
+        try:
+            rows = self.validators[mv.key].rows(req)
+            self.live.require(mv)
+            code, body = await self.dispatcher.submit(mv, rows, raw, timeout_s)
+        except FerryError:
+            # Failures the gateway decides on; workers count the ones they decide on.
+            self.dispatcher.count_failure(mv, time.perf_counter_ns() - started)
+            raise
         return raise_for_reply(code, body)
 
     async def model_infer(self, raw: bytes, context: Any) -> bytes:

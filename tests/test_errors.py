@@ -176,3 +176,19 @@ def test_deadline_is_honoured(cluster: Cluster) -> None:
     code, _ = _status(lambda: cluster.client().infer("mlp", [x], client_timeout=0.0005))
     assert code == "StatusCode.DEADLINE_EXCEEDED"
     assert time.monotonic() - t0 < 5
+
+
+def test_failures_are_counted_in_statistics(cluster: Cluster) -> None:
+    c = cluster.client()
+
+    def fails() -> int:
+        stats = c.get_inference_statistics("mlp", as_json=True)["model_stats"][0]
+        return int(stats.get("inference_stats", {}).get("fail", {}).get("count", 0))
+
+    before = fails()
+    for _ in range(3):
+        _status(lambda: c.infer("mlp", [_mlp([1, 255], data=np.zeros((1, 255), np.float32))]))
+    deadline = time.monotonic() + 10
+    while fails() < before + 3:
+        assert time.monotonic() < deadline, f"fail count stayed at {fails()} (was {before})"
+        time.sleep(0.05)

@@ -55,6 +55,7 @@ class BatchRunner:
                 message = err.message if err else f"cannot decode request: {exc}"
                 result.replies.append((m.gateway, encode_reply(m.corr, code, message.encode())))
                 result.stats[Stat.FAIL_COUNT] += 1
+                result.stats[Stat.FAIL_NS] += max(0, time.time_ns() - m.enqueued_ns)
                 continue
             # Only members whose non-batch dims agree can share a tensor.
             sig: tuple[Any, ...] = tuple(d.shapes[n][1:] for n in self.specs) if self.batched else (id(d),)
@@ -83,8 +84,10 @@ class BatchRunner:
             code = exc.code if isinstance(exc, FerryError) else Code.INTERNAL
             message = exc.message if isinstance(exc, FerryError) else f"model execution failed: {exc}"
             log.warning("model %s v%d failed a batch of %d: %s", mv.name, mv.version, len(group), message)
+            now_ns = time.time_ns()
             for m, _ in group:
                 result.replies.append((m.gateway, encode_reply(m.corr, code, message.encode())))
+                stats[Stat.FAIL_NS] += max(0, now_ns - m.enqueued_ns)
             stats[Stat.FAIL_COUNT] += len(group)
             return
         t2 = time.perf_counter_ns()
