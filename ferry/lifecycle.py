@@ -7,6 +7,7 @@ in-flight work, exit); a second one exits at once.
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import json
 import logging
 import os
@@ -45,6 +46,10 @@ def setup_logging(level: str, as_json: bool) -> None:
 
 def run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
     """Run ``main(stop)`` on the fastest available loop; ``stop`` is set by the first signal."""
+
+    # `kill -USR1 <pid>` prints every thread's stack to stderr: how to see where a
+    # process that will not stop is stuck.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     async def runner() -> None:
         stop = asyncio.Event()

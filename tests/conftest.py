@@ -89,6 +89,8 @@ class Cluster:
                 try:
                     codes.append(p.wait(timeout_s))
                 except subprocess.TimeoutExpired:
+                    p.send_signal(signal.SIGUSR1)  # stacks into its log, for the failure message
+                    time.sleep(1)
                     p.kill()
                     codes.append(p.wait())
         return codes

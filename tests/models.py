@@ -84,10 +84,30 @@ def unbatched_model(root: Path) -> None:
     _save(root / "unbatched", 1, graph, 'name: "unbatched"\nmax_batch_size: 0\n')
 
 
+def slow_model(root: Path) -> None:
+    """max_batch_size 0: y = max(M^7) where M is x broadcast to 768x768; ~1 GFLOP per MatMul, so
+    one call takes tens to hundreds of milliseconds, long enough to outlive a short deadline."""
+    shape = numpy_helper.from_array(np.array([768, 768], dtype=np.int64), "shape")
+    nodes = [helper.make_node("Expand", ["x", "shape"], ["m0"])]
+    for i in range(6):
+        nodes.append(helper.make_node("MatMul", [f"m{i}", "m0"], [f"m{i + 1}"]))
+    nodes.append(helper.make_node("ReduceMax", ["m6"], ["r"], keepdims=0))
+    nodes.append(helper.make_node("Reshape", ["r", "one"], ["y"]))
+    one = numpy_helper.from_array(np.array([1], dtype=np.int64), "one")
+    graph = helper.make_graph(
+        nodes, "slow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        initializer=[shape, one],
+    )
+    _save(root / "slow", 1, graph, 'name: "slow"\nmax_batch_size: 0\n')
+
+
 def full_repository(root: Path) -> Path:
     write_repository(root)
     identity_model(root)
     versioned_model(root)
     fragile_model(root)
     unbatched_model(root)
+    slow_model(root)
     return root

@@ -102,7 +102,11 @@ class Worker:
                     continue
                 if claimed:
                     await self._execute(claimed)
-            await self._outbox.join()
+            try:
+                await asyncio.wait_for(self._outbox.join(), self.settings.grace_s)
+            except TimeoutError:
+                log.error("%d reply writes still unconfirmed after %.0fs; exiting, their batches stay pending",
+                          self._outbox.qsize() + 1, self.settings.grace_s)
         finally:
             for task in (writer, heartbeat, stats):
                 task.cancel()
