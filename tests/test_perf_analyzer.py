@@ -15,12 +15,14 @@ WRAPPER = Path(os.environ.get("FERRY_PA_DIR", ROOT / ".cache" / "perf_analyzer")
 
 
 def test_perf_analyzer_sweep(cluster: Cluster, tmp_path: Path) -> None:
+    # Stability is not what this test is about (a shared CI machine is never stable):
+    # any deviation between windows is accepted; the sweep must complete and serve.
     if not WRAPPER.exists():
         pytest.skip(f"perf_analyzer not installed ({WRAPPER}); run benchmarks/install_perf_analyzer.sh")
     csv = tmp_path / "sweep.csv"
     proc = subprocess.run(
         [str(WRAPPER), "-m", "mlp", "-u", cluster.url, "-i", "grpc", "--concurrency-range", "1:3:1",
-         "--measurement-interval", "500", "--stability-percentage", "100", "--max-trials", "4", "-f", str(csv)],
+         "--measurement-interval", "500", "--stability-percentage", "999", "--max-trials", "10", "-f", str(csv)],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
