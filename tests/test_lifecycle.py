@@ -20,6 +20,12 @@ from tests.conftest import Cluster
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _mlp_input() -> tc.InferInput:
+    x = tc.InferInput("INPUT0", [1, 256], "FP32")
+    x.set_data_from_numpy(np.zeros((1, 256), np.float32))
+    return x
+
+
 def _infer_eventually(c: Cluster, x: tc.InferInput, within_s: float = 20) -> None:
     """Retry until the cluster answers again (components reconnect on their own)."""
     client = c.client()
@@ -73,8 +79,7 @@ def test_ferry_up_serves_the_example_and_stops_cleanly(tmp_path: Path) -> None:
 def test_redis_down_gives_unavailable_within_bounded_time(repo: Path, tmp_path: Path) -> None:
     c = Cluster(repo, tmp_path)
     try:
-        x = tc.InferInput("INPUT0", [1, 256], "FP32")
-        x.set_data_from_numpy(np.zeros((1, 256), np.float32))
+        x = _mlp_input()
         client = c.client()
         client.infer("mlp", [x])
         c.redis.proc.send_signal(signal.SIGSTOP)  # unreachable: connections hang, nothing answers
@@ -97,8 +102,7 @@ def test_cluster_recovers_when_redis_loses_its_data(repo: Path, tmp_path: Path) 
     """A Redis restarted without persistence (here: FLUSHALL) loses groups and registrations; all come back."""
     c = Cluster(repo, tmp_path)
     try:
-        x = tc.InferInput("INPUT0", [1, 256], "FP32")
-        x.set_data_from_numpy(np.zeros((1, 256), np.float32))
+        x = _mlp_input()
         client = c.client()
         client.infer("mlp", [x])
         c.redis_client().flushall()
