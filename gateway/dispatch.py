@@ -108,6 +108,8 @@ class Dispatcher:
             await self.redis.delete(self.reply_key)
         except REDIS_DOWN:
             pass  # both expire on their own
+        if self.late_replies:
+            log.info("dropped %d replies whose calls had already ended (deadline or cancel)", self.late_replies)
         await self.redis.aclose()
         await self._resp.close()
         await self._listen.close()

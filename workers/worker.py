@@ -164,12 +164,7 @@ class Worker:
         else:
             result = runner.run(members)
         self.batches_run += 1
-        totals = self._stats[(first.model, first.version)]
-        for field, value in result.stats.items():
-            if field == Stat.LAST_INFERENCE_MS:
-                totals[field] = max(totals[field], value)
-            else:
-                totals[field] += value
+        self._add_stats((first.model, first.version), result.stats)
         commands = self._reply_commands(ids, result)
         # Replies hit the socket now, before the next read; the writer only waits for
         # Redis to confirm them (and retries if it did not).
@@ -217,30 +212,30 @@ class Worker:
             finally:
                 self._outbox.task_done()
 
+    def _add_stats(self, model_key: tuple[str, int], stats: dict[str, int]) -> None:
+        totals = self._stats[model_key]
+        for field, value in stats.items():
+            # Counters add up; the last-inference time is a timestamp and keeps the newest.
+            totals[field] = max(totals[field], value) if field == Stat.LAST_INFERENCE_MS else totals[field] + value
+
     async def _flush_stats(self) -> None:
         if not self._stats:
             return
         stats, self._stats = self._stats, defaultdict(lambda: defaultdict(int))
         pipe = self.redis.pipeline(transaction=False)
-        lasts: dict[tuple[str, int], int] = {}
         for (name, version), totals in stats.items():
             key = keys.stats_hash(name, version)
-            last = totals.pop(Stat.LAST_INFERENCE_MS, None)
             for field, value in totals.items():
-                pipe.hincrby(key, field, value)
-            if last is not None:
-                lasts[(name, version)] = last
-                pipe.hset(key, Stat.LAST_INFERENCE_MS, last)
+                if field == Stat.LAST_INFERENCE_MS:
+                    pipe.hset(key, field, value)
+                else:
+                    pipe.hincrby(key, field, value)
         try:
             await pipe.execute()
         except REDIS_DOWN as exc:
             log.warning("could not write statistics (%s); keeping them for the next flush", exc)
             for model_key, totals in stats.items():
-                for field, value in totals.items():
-                    self._stats[model_key][field] += value
-            for model_key, last in lasts.items():
-                current = self._stats[model_key]
-                current[Stat.LAST_INFERENCE_MS] = max(current[Stat.LAST_INFERENCE_MS], last)
+                self._add_stats(model_key, totals)
 
     async def _stats_loop(self) -> None:
         while True:
