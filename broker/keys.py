@@ -7,6 +7,11 @@ a cluster too)::
     ferry:{m:<model>}:v<version>:requests   STREAM  requests waiting for the broker.
                                             Group ``brokers``. Entries are XDELed
                                             once their batch is on a pool stream.
+    ferry:{m:<model>}:v<version>:queued     STRING  requests in request-stream entries not yet
+                                            acknowledged by a broker: the queue that
+                                            max_queue_size bounds.  Changed only by
+                                            scripts.ENQUEUE and scripts.ACK_REQUESTS;
+                                            deleted when it drops to 0.
     ferry:{m:<model>}:v<version>:stats      HASH    cumulative statistics served by
                                             ModelStatistics (see broker.messages.Stat).
     ferry:{p:<pool>}:batches                STREAM  batches waiting for a worker of the
@@ -25,6 +30,9 @@ a cluster too)::
                                             score = heartbeat expiry (ms since epoch).
     ferry:worker:<id>                       STRING  JSON description of a worker (pool,
                                             host, models), with the same TTL.
+
+Pub/sub channel (not a key): ``ferry:{p:<pool>}:done``, where workers announce
+finished batches to brokers (broker.messages, item 5).
 
 No key is created per request: a request lives as one stream entry, then as
 part of one batch entry, then as one list element, each deleted on use.
@@ -47,6 +55,14 @@ HEARTBEAT_TTL_MS = 3_000
 
 def request_stream(model: str, version: int) -> str:
     return f"{PREFIX}:{{m:{model}}}:v{version}:requests"
+
+
+def queue_count(model: str, version: int) -> str:
+    return f"{PREFIX}:{{m:{model}}}:v{version}:queued"
+
+
+def done_channel(pool: str) -> str:
+    return f"{PREFIX}:{{p:{pool}}}:done"
 
 
 def stats_hash(model: str, version: int) -> str:

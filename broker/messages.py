@@ -1,31 +1,52 @@
-"""Layouts of the three messages that cross Redis.
+"""Layouts of the messages that cross Redis.
 
 Requests travel in *groups*: whatever one gateway received for one model
-version between two of its Redis round trips (at most max_batch_size rows),
-so Redis, the broker and the worker pay per group, not per request.
+version, priority level and shape key between two of its Redis round trips
+(at most max_batch_size rows), so Redis and the broker pay per group, not
+per request.  Times that cross processes are wall-clock nanoseconds since
+the epoch (hosts are expected to run NTP; a skew of a few ms shifts
+deadlines by as much).
 
-1. Request group (gateway -> ``request_stream``), fields::
+1. Request group (gateway -> ``request_stream``, through scripts.ENQUEUE), fields::
 
        r        id of the gateway holding the calls (replies go to keys.reply_list(r))
-       h        JSON ``[enqueue ns, [corr, rows, corr, rows, ...]]``
+       h        JSON ``[enqueue ns, level, shape key, [corr, rows, deadline ns, timeout ns, ...]]``
+                level: 0 = highest priority; shape key: requests with different keys never
+                share a batch; deadline: the client's (or the gateway's default) deadline;
+                timeout: end of the queue-policy timeout (0 = none)
        0..k-1   each request's ModelInferRequest exactly as received on the wire
 
    The gateway validates requests but forwards the clients' own bytes: it
    never re-encodes tensors.
 
-2. Batch (broker -> ``pool_stream``), fields::
+2. Cancellation (gateway -> the same ``request_stream``, plain XADD), fields::
+
+       r        gateway id
+       c        JSON ``[corr, ...]``: calls whose clients went away
+
+   Sharing the request stream means the broker always reads a request
+   before its cancellation.
+
+3. Batch (broker -> ``pool_stream``), fields::
 
        m        model name          v   model version (ASCII)
-       h        JSON ``[[gateway id, enqueue ns, [corr, rows, ...]], ...]`` per group
-       0..n-1   the members' request bytes, in header order across groups
+       s        shape key of every member
+       h        JSON ``[[gateway id, ...], [gateway index, corr, rows, enqueue ns, deadline ns, ...]]``
+       0..n-1   the members' request bytes, in header order
 
    Payloads stay separate fields, so forming a batch copies no tensor bytes
    in the broker; the worker joins them along the batch dimension once.
 
-3. Reply bundle (worker -> ``reply_list``, via scripts.PUSH_REPLY): every
+4. Reply bundle (worker or broker -> ``reply_list``, via scripts.PUSH_REPLY): every
    reply of one batch for one gateway, each ``<u32 length><u64 corr><u8 status code><body>`` where body
    is, for status OK, the serialized ModelInferResponse (the gateway hands
    these bytes to gRPC untouched) or, for an error, the UTF-8 message.
+
+5. Batch done (worker -> PUBLISH ``keys.done_channel(pool)``): JSON
+   ``[model, version, rows, compute ns, [batch entry id, ...]]`` after a run's
+   replies are written.  Brokers learn each model's batch latency and their
+   pool's free capacity from it; a lost notice only delays both (the broker
+   re-reads the pool's backlog).
 """
 
 from __future__ import annotations
@@ -39,6 +60,11 @@ F_REPLY = b"r"
 F_HEADER = b"h"
 F_MODEL = b"m"
 F_VERSION = b"v"
+F_SHAPE = b"s"
+F_CANCEL = b"c"
+
+GROUP_STRIDE = 4  # corr, rows, deadline ns, timeout ns
+BATCH_STRIDE = 5  # gateway index, corr, rows, enqueue ns, deadline ns
 
 _REPLY_HEAD = struct.Struct("<IQB")
 
@@ -58,64 +84,92 @@ class Member:
     corr: int
     rows: int
     enqueued_ns: int
+    deadline_ns: int
     payload: bytes
 
 
 @dataclass(slots=True)
 class Group:
-    """One request group, as the broker sees it: never split, never parsed deeper."""
+    """One request group, as the broker reads it."""
 
     gateway: str
     enqueued_ns: int
-    members: list[int]  # flat [corr, rows, corr, rows, ...]
+    level: int
+    shape: str
+    members: list[int]  # flat, GROUP_STRIDE per request
     payloads: list[bytes]
+
+
+@dataclass(slots=True)
+class Queued:
+    """One request as the gateway hands it to ``group_fields``."""
+
+    corr: int
     rows: int
+    deadline_ns: int
+    timeout_ns: int
+    payload: bytes
 
 
-def group_fields(gateway: str, enqueued_ns: int, requests: Sequence[tuple[int, int, bytes]]) -> dict[bytes, bytes]:
-    """Fields of one request group; ``requests`` are (corr, rows, payload)."""
+def _json(value: object) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def group_fields(gateway: str, enqueued_ns: int, level: int, shape: str,
+                 requests: Sequence[Queued]) -> dict[bytes, bytes]:
     flat: list[int] = []
     fields: dict[bytes, bytes] = {F_REPLY: gateway.encode()}
-    for i, (corr, rows, payload) in enumerate(requests):
-        flat += (corr, rows)
-        fields[_field(i)] = payload
-    fields[F_HEADER] = json.dumps([enqueued_ns, flat], separators=(",", ":")).encode()
+    for i, q in enumerate(requests):
+        flat += (q.corr, q.rows, q.deadline_ns, q.timeout_ns)
+        fields[_field(i)] = q.payload
+    fields[F_HEADER] = _json([enqueued_ns, level, shape, flat])
     return fields
+
+
+def cancel_fields(gateway: str, corrs: Sequence[int]) -> dict[bytes, bytes]:
+    return {F_REPLY: gateway.encode(), F_CANCEL: _json(list(corrs))}
+
+
+def parse_cancel(fields: Fields) -> tuple[str, list[int]] | None:
+    """(gateway, corrs) when the entry is a cancellation, else None."""
+    raw = fields.get(F_CANCEL)
+    return None if raw is None else (fields[F_REPLY].decode(), json.loads(raw))
 
 
 def parse_group(fields: Fields) -> Group:
-    enqueued_ns, flat = json.loads(fields[F_HEADER])
-    n = len(flat) // 2
-    return Group(
-        gateway=fields[F_REPLY].decode(),
-        enqueued_ns=enqueued_ns,
-        members=flat,
-        payloads=[fields[_field(i)] for i in range(n)],
-        rows=sum(flat[1::2]),
-    )
+    enqueued_ns, level, shape, flat = json.loads(fields[F_HEADER])
+    n = len(flat) // GROUP_STRIDE
+    return Group(fields[F_REPLY].decode(), enqueued_ns, level, shape, flat, [fields[_field(i)] for i in range(n)])
 
 
-def batch_fields(model: str, version: int, groups: Sequence[Group]) -> dict[bytes, bytes]:
-    fields: dict[bytes, bytes] = {F_MODEL: model.encode(), F_VERSION: b"%d" % version}
-    head = []
-    i = 0
-    for g in groups:
-        head.append([g.gateway, g.enqueued_ns, g.members])
-        for p in g.payloads:
-            fields[_field(i)] = p
-            i += 1
-    fields[F_HEADER] = json.dumps(head, separators=(",", ":")).encode()
+def batch_fields(model: str, version: int, shape: str, members: Sequence[Member]) -> dict[bytes, bytes]:
+    fields: dict[bytes, bytes] = {F_MODEL: model.encode(), F_VERSION: b"%d" % version, F_SHAPE: shape.encode()}
+    gateways: dict[str, int] = {}
+    flat: list[int] = []
+    for i, m in enumerate(members):
+        gi = gateways.setdefault(m.gateway, len(gateways))
+        flat += (gi, m.corr, m.rows, m.enqueued_ns, m.deadline_ns)
+        fields[_field(i)] = m.payload
+    fields[F_HEADER] = _json([list(gateways), flat])
     return fields
 
 
-def parse_batch(fields: Fields) -> tuple[str, int, list[Member]]:
-    members: list[Member] = []
-    i = 0
-    for gateway, enqueued_ns, flat in json.loads(fields[F_HEADER]):
-        for j in range(0, len(flat), 2):
-            members.append(Member(gateway, flat[j], flat[j + 1], enqueued_ns, fields[_field(i)]))
-            i += 1
-    return fields[F_MODEL].decode(), int(fields[F_VERSION]), members
+def parse_batch(fields: Fields) -> tuple[str, int, str, list[Member]]:
+    gateways, flat = json.loads(fields[F_HEADER])
+    members = [
+        Member(gateways[flat[j]], flat[j + 1], flat[j + 2], flat[j + 3], flat[j + 4], fields[_field(i)])
+        for i, j in enumerate(range(0, len(flat), BATCH_STRIDE))
+    ]
+    return fields[F_MODEL].decode(), int(fields[F_VERSION]), fields.get(F_SHAPE, b"").decode(), members
+
+
+def done_notice(model: str, version: int, rows: int, compute_ns: int, entry_ids: Sequence[bytes]) -> bytes:
+    return _json([model, version, rows, compute_ns, [e.decode() for e in entry_ids]])
+
+
+def parse_done(raw: bytes) -> tuple[str, int, int, int, list[bytes]]:
+    model, version, rows, compute_ns, ids = json.loads(raw)
+    return model, int(version), int(rows), int(compute_ns), [i.encode() for i in ids]
 
 
 def encode_reply(corr: int, code: int, body: bytes) -> bytes:

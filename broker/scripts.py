@@ -5,6 +5,15 @@ Each script touches keys of one hash tag only, so it also runs on Redis Cluster.
 
 from __future__ import annotations
 
+import hashlib
+from typing import Any
+
+
+def sha(script: str) -> str:
+    """The SHA1 that EVALSHA names a script by."""
+    return hashlib.sha1(script.encode()).hexdigest()
+
+
 # Deliver one reply bundle to a gateway, but only while that gateway is alive.
 # KEYS[1] = gateway_alive(gw), KEYS[2] = reply_list(gw)
 # ARGV[1] = reply list TTL in ms, ARGV[2] = the bundle
@@ -18,3 +27,42 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
 end
 return 0
 """
+
+# Admit one request group to a model's queue, or refuse it when the queue is full.
+# KEYS[1] = request_stream, KEYS[2] = queue_count (same model version: one slot)
+# ARGV[1] = requests in the group, ARGV[2] = max_queue_size, ARGV[3..] = the entry's fields and values
+# Returns the queue length after admitting, or -1 - (current length) when refused.
+ENQUEUE = """
+local queued = tonumber(redis.call('GET', KEYS[2]) or '0')
+local n = tonumber(ARGV[1])
+if queued + n > tonumber(ARGV[2]) then
+  return -1 - queued
+end
+redis.call('INCRBY', KEYS[2], n)
+redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
+return queued + n
+"""
+
+# A broker is done with some request-stream entries (every request they carried
+# is batched, rejected or cancelled): acknowledge and delete them, and take their
+# requests off the queue count in the same step, so the count never drifts from
+# the stream.
+# KEYS[1] = request_stream, KEYS[2] = queue_count
+# ARGV[1] = consumer group, ARGV[2] = requests the entries carried, ARGV[3..] = entry ids
+ACK_REQUESTS = """
+redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 3))
+redis.call('XDEL', KEYS[1], unpack(ARGV, 3))
+local left = redis.call('DECRBY', KEYS[2], ARGV[2])
+if left <= 0 then
+  redis.call('DEL', KEYS[2])
+end
+return left
+"""
+
+ALL = (PUSH_REPLY, ENQUEUE, ACK_REQUESTS)
+
+
+async def load_all(client: Any) -> None:
+    """SCRIPT LOAD every script (again after a Redis restart answered NOSCRIPT)."""
+    for script in ALL:
+        await client.call("SCRIPT", "LOAD", script)

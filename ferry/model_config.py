@@ -26,16 +26,38 @@ ONNX_BACKEND = "onnxruntime"
 
 # Ferry's own settings live in config `parameters` under these keys.
 PARAM_POOL = "ferry.pool"
+PARAM_BATCH_SIZES = "ferry.batch_sizes"
+PARAM_SHAPE_BUCKETS = "ferry.shape_buckets"
 KNOWN_PARAMETERS = {
     PARAM_POOL: "worker pool that runs this model (default: cpu)",
+    PARAM_BATCH_SIZES: "batch sizes a compiled model accepts, e.g. \"1,4,8\" (static shapes: Inferentia, TensorRT "
+                       "profiles, CUDA graphs); each batch is padded to the smallest listed size >= its rows",
+    PARAM_SHAPE_BUCKETS: "per-input sizes for variable dims, e.g. \"tokens=16,32;mask=16,32\"; each variable dim is "
+                         "padded (0 / empty bytes) to the smallest size >= its length, one bucket per batch",
 }
+
+# Triton reads max_queue_size 0 as "unbounded".  Ferry's queues live in the
+# Redis memory every model shares, so one overloaded model could exhaust it for
+# all: 0 means this bound instead, and a config that wants more says so.
+DEFAULT_MAX_QUEUE_SIZE = 4096
 
 _SUPPORTED_TOP = {
     "name", "platform", "backend", "max_batch_size", "input", "output",
     "dynamic_batching", "instance_group", "version_policy", "parameters",
     "default_model_filename",
 }
-_SUPPORTED_BATCHING = {"preferred_batch_size", "max_queue_delay_microseconds"}
+_SUPPORTED_BATCHING = {
+    "preferred_batch_size", "max_queue_delay_microseconds", "priority_levels", "default_priority_level",
+    "default_queue_policy",
+}
+# Unsupported fields that have a replacement get a pointer to it, not just the supported list.
+_BATCHING_INSTEAD = {
+    "priority_queue_policy": "per-level queue policies are not supported; use default_queue_policy, "
+                             "which applies to every priority level",
+    "preserve_ordering": "not supported; each ModelInfer call gets its own response, and ModelStreamInfer "
+                         "answers as requests complete: match stream responses to requests by their `id`",
+}
+_SUPPORTED_QUEUE_POLICY = {"timeout_action", "default_timeout_microseconds", "allow_timeout_override", "max_queue_size"}
 _SUPPORTED_TENSOR = {"name", "data_type", "dims"}
 _SUPPORTED_INSTANCE = {"name", "kind", "count"}
 
@@ -45,6 +67,16 @@ class TensorSpec:
     name: str
     dtype: datatypes.DataType
     dims: tuple[int, ...]  # without the batch dimension; -1 = any size
+
+
+@dataclass(frozen=True, slots=True)
+class QueuePolicy:
+    """dynamic_batching.default_queue_policy (Triton's ModelQueuePolicy) as plain values."""
+
+    timeout_action: str  # "REJECT" or "DELAY" (Triton's ModelQueuePolicy.TimeoutAction)
+    default_timeout_us: int  # 0 = no queue timeout
+    allow_timeout_override: bool  # a request's `timeout` parameter may LOWER the timeout
+    max_queue_size: int  # effective bound, always > 0: config 0 (Triton's "unlimited") -> DEFAULT_MAX_QUEUE_SIZE
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +91,11 @@ class ModelSettings:
     preferred_batch_sizes: tuple[int, ...]
     pool: str
     config: Any  # the completed mc.ModelConfig, served by the ModelConfig RPC
+    priority_levels: int  # dynamic_batching.priority_levels, 0 = priorities off
+    default_priority_level: int  # 1..priority_levels (1 is the HIGHEST priority, as in Triton); 0 when off
+    queue_policy: QueuePolicy
+    static_batch_sizes: tuple[int, ...]  # ferry.batch_sizes: sorted, unique; () = any batch size
+    shape_buckets: tuple[tuple[str, tuple[int, ...]], ...]  # ferry.shape_buckets: (input, sorted sizes), by name
 
 
 def _fail(path: Path, field: str, why: str) -> ConfigError:
@@ -74,7 +111,9 @@ def parse_config_text(path: Path) -> Any:
     try:
         text_format.Parse(text, config)
     except text_format.ParseError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        # The parser's "Value out of range: -1" does not say why a count cannot be negative.
+        hint = " (this field is unsigned: use 0 or more)" if "out of range: -" in str(exc) else ""
+        raise ConfigError(f"{path}: {exc}{hint}") from None
     return config
 
 
@@ -85,6 +124,83 @@ def _check_fields(path: Path, prefix: str, msg: Any, allowed: set[str]) -> None:
                 path, prefix + fd.name,
                 f"not supported by Ferry (supported here: {', '.join(sorted(allowed))})",
             )
+
+
+def _queue_policy(path: Path, policy: Any) -> QueuePolicy:
+    where = "dynamic_batching.default_queue_policy."
+    _check_fields(path, where, policy, _SUPPORTED_QUEUE_POLICY)
+    actions = mc.ModelQueuePolicy.TimeoutAction
+    # Text format accepts any number for an open (proto3) enum, not only the names.
+    if policy.timeout_action not in actions.values():
+        raise _fail(path, where + "timeout_action",
+                    f"{policy.timeout_action} is not a timeout action; use REJECT or DELAY")
+    return QueuePolicy(
+        timeout_action=actions.Name(policy.timeout_action),
+        default_timeout_us=int(policy.default_timeout_microseconds),
+        allow_timeout_override=bool(policy.allow_timeout_override),
+        max_queue_size=int(policy.max_queue_size) or DEFAULT_MAX_QUEUE_SIZE,
+    )
+
+
+def _priorities(path: Path, db: Any) -> tuple[int, int]:
+    levels, default = int(db.priority_levels), int(db.default_priority_level)
+    where = "dynamic_batching.default_priority_level"
+    if levels == 0 and default != 0:
+        raise _fail(path, where, f"{default} but priority_levels is 0 (priorities off); set priority_levels "
+                    f"to at least {default}, or remove default_priority_level")
+    if levels > 0 and not 1 <= default <= levels:
+        raise _fail(path, where, f"{default} must be between 1 and priority_levels ({levels}): it is the level of "
+                    f"requests that set no priority (1 is the highest priority), e.g. {levels}")
+    return levels, default
+
+
+def _sizes(path: Path, field: str, text: str) -> tuple[int, ...]:
+    """Comma-separated positive integers, as a sorted tuple without duplicates."""
+    if not text.strip():
+        raise _fail(path, field, 'no sizes; list them comma-separated, e.g. "1,4,8", or remove the parameter')
+    sizes: set[int] = set()
+    for item in text.split(","):
+        if not re.fullmatch(r"[0-9]+", item.strip()) or int(item) < 1:
+            raise _fail(path, field, f"{item.strip()!r} is not a positive integer; "
+                        'list sizes comma-separated, e.g. "1,4,8"')
+        sizes.add(int(item))
+    return tuple(sorted(sizes))
+
+
+def _batch_sizes(path: Path, text: str, max_batch: int) -> tuple[int, ...]:
+    field = f"parameters[{PARAM_BATCH_SIZES!r}]"
+    if max_batch == 0:
+        raise _fail(path, field, "requires max_batch_size > 0 (it lists the batch sizes a batch is padded to)")
+    sizes = _sizes(path, field, text)
+    if sizes[-1] > max_batch:
+        raise _fail(path, field, f"{sizes[-1]} is larger than max_batch_size ({max_batch}); "
+                    "remove it or raise max_batch_size")
+    # A batch (or one request) may hold up to max_batch_size rows; it needs a size to pad to.
+    if sizes[-1] != max_batch:
+        raise _fail(path, field, f"largest size {sizes[-1]} must equal max_batch_size ({max_batch}) so that every "
+                    f"batch has a size to pad to; add {max_batch}, or set max_batch_size: {sizes[-1]}")
+    return sizes
+
+
+def _shape_buckets(path: Path, text: str, inputs: list[TensorSpec]) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    field = f"parameters[{PARAM_SHAPE_BUCKETS!r}]"
+    by_name = {t.name: t for t in inputs}
+    buckets: dict[str, tuple[int, ...]] = {}
+    for entry in text.split(";"):
+        name, eq, sizes = (s.strip() for s in entry.partition("="))
+        if not name or not eq:
+            raise _fail(path, field, f"{entry.strip()!r} is not input=size,size,...; "
+                        'separate inputs with ";", e.g. "tokens=16,32;mask=16,32"')
+        if name in buckets:
+            raise _fail(path, field, f"input {name!r} is listed twice; give it one list of sizes")
+        spec = by_name.get(name)
+        if spec is None:
+            raise _fail(path, field, f"{name!r} is not an input of the model (inputs: {', '.join(by_name)})")
+        if -1 not in spec.dims:
+            raise _fail(path, field, f"input {name!r} has fixed dims {list(spec.dims)}, so there is nothing to pad; "
+                        "buckets apply to variable (-1) dims: remove it from the parameter")
+        buckets[name] = _sizes(path, f"{field}: input {name!r}", sizes)
+    return tuple(sorted(buckets.items()))
 
 
 def _onnx_io(model_file: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -179,6 +295,9 @@ def load_model_settings(model_dir: Path, model_file: Path) -> ModelSettings:
     max_batch = int(config.max_batch_size)
 
     db = config.dynamic_batching
+    for fd, _ in db.ListFields():
+        if fd.name in _BATCHING_INSTEAD:
+            raise _fail(path, f"dynamic_batching.{fd.name}", _BATCHING_INSTEAD[fd.name])
     _check_fields(path, "dynamic_batching.", db, _SUPPORTED_BATCHING)
     preferred = tuple(int(x) for x in db.preferred_batch_size)
     for x in preferred:
@@ -187,6 +306,8 @@ def load_model_settings(model_dir: Path, model_file: Path) -> ModelSettings:
                         f"{x} must be between 1 and max_batch_size ({max_batch})")
     if config.HasField("dynamic_batching") and max_batch == 0:
         raise _fail(path, "dynamic_batching", "requires max_batch_size > 0")
+    priority_levels, default_priority = _priorities(path, db)
+    queue_policy = _queue_policy(path, db.default_queue_policy)
 
     for i, group in enumerate(config.instance_group):
         _check_fields(path, f"instance_group[{i}].", group, _SUPPORTED_INSTANCE)
@@ -211,10 +332,13 @@ def load_model_settings(model_dir: Path, model_file: Path) -> ModelSettings:
     if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,62}", pool):
         raise _fail(path, f"parameters[{PARAM_POOL!r}]",
                     f"{pool!r} is not a valid pool name (lowercase letters, digits, '-', '_')")
+    batch_sizes = _batch_sizes(path, params[PARAM_BATCH_SIZES], max_batch) if PARAM_BATCH_SIZES in params else ()
 
     graph_in, graph_out = _onnx_io(model_file)
     inputs = _merge_io(path, "input", config.input, graph_in, max_batch, model_file)
     outputs = _merge_io(path, "output", config.output, graph_out, max_batch, model_file)
+    # Buckets name inputs and need their final dims, known only once the graph has filled them in.
+    buckets = _shape_buckets(path, params[PARAM_SHAPE_BUCKETS], inputs) if PARAM_SHAPE_BUCKETS in params else ()
 
     completed = mc.ModelConfig()
     completed.CopyFrom(config)
@@ -237,4 +361,9 @@ def load_model_settings(model_dir: Path, model_file: Path) -> ModelSettings:
         preferred_batch_sizes=preferred,
         pool=pool,
         config=completed,
+        priority_levels=priority_levels,
+        default_priority_level=default_priority,
+        queue_policy=queue_policy,
+        static_batch_sizes=batch_sizes,
+        shape_buckets=buckets,
     )

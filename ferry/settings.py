@@ -69,6 +69,10 @@ class GatewaySettings(CommonSettings):
         60.0, "longest a request may wait for its answer when the client sets no deadline (DEADLINE_EXCEEDED)"
     )
     gateway_id: str = knob("", "unique id of this gateway in Redis (default: host-pid-random)")
+    max_inflight: int = knob(
+        16384, "most requests this gateway holds at once; beyond, RESOURCE_EXHAUSTED at once "
+        "(each model's queue has its own bound: max_queue_size in config.pbtxt)"
+    )
     flush_interval_us: int = knob(
         2000, "under load, send queued requests to Redis at most once per this many microseconds "
         "(0: send as soon as possible); bigger groups cost less CPU per request, at up to this much latency"
@@ -82,6 +86,8 @@ class GatewaySettings(CommonSettings):
             raise ConfigError("max_message_bytes must be at least 1024")
         if self.request_timeout_s <= 0:
             raise ConfigError("request_timeout_s must be > 0")
+        if self.max_inflight < 1:
+            raise ConfigError("max_inflight must be >= 1")
         if not 0 <= self.flush_interval_us <= 100_000:
             raise ConfigError("flush_interval_us must be between 0 and 100000")
         if not self.gateway_id:
@@ -91,14 +97,33 @@ class GatewaySettings(CommonSettings):
 @dataclass(frozen=True)
 class BrokerSettings(CommonSettings):
     broker_id: str = knob("", "unique id of this broker in Redis (default: host-pid-random)")
-    max_queue_delay_us: int = knob(
-        -1, "batching window in microseconds for every model, overriding max_queue_delay_microseconds "
-        "in config.pbtxt (-1: use each model's config)"
+    batch_window: str = knob(
+        "adaptive", "when a partial batch leaves: 'adaptive' (as soon as the model's pool has room; "
+        "batches grow with load while workers are busy) or 'fixed' (Triton's rule: once its oldest "
+        "request waited max_queue_delay; for reproducible comparisons)"
     )
-    read_count: int = knob(4096, "most requests read from Redis in one call")
+    max_queue_delay_us: int = knob(
+        -1, "with batch_window=fixed, the window in microseconds for every model, overriding "
+        "max_queue_delay_microseconds in config.pbtxt (-1: use each model's config)"
+    )
+    pool_depth: int = knob(
+        2, "batches per live worker a pool's stream may hold (one running, the next ready); the rest "
+        "wait in the broker, where they still grow into bigger batches and obey priorities"
+    )
+    starvation_limit: int = knob(
+        8, "a priority level with waiting requests is passed over at most this many batches in a row "
+        "(plus one per higher level)"
+    )
+    read_count: int = knob(4096, "most request groups read from Redis in one call")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.batch_window not in ("adaptive", "fixed"):
+            raise ConfigError(f"batch_window {self.batch_window!r} must be 'adaptive' or 'fixed'")
+        if self.pool_depth < 1:
+            raise ConfigError("pool_depth must be >= 1")
+        if self.starvation_limit < 1:
+            raise ConfigError("starvation_limit must be >= 1")
         if self.read_count < 1:
             raise ConfigError("read_count must be >= 1")
         if not self.broker_id:

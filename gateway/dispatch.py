@@ -3,8 +3,10 @@
 Two long-lived tasks keep Redis work per request far below one round trip:
 
 * the *submitter* sends everything queued since its last round trip in one
-  pipeline, as one request group per model version (split at
-  max_batch_size rows).  Under load it sends at most once per
+  pipeline, as one request group per model version, priority level and
+  shape key (split at max_batch_size rows), each admitted by
+  scripts.ENQUEUE only while the model's queue has room
+  (max_queue_size; RESOURCE_EXHAUSTED otherwise).  Under load it sends at most once per
   ``flush_interval_us``, so one XADD carries many requests and every process
   downstream wakes up less often; under light load (requests arrive one per
   round trip) a request leaves at once;
@@ -13,7 +15,9 @@ Two long-lived tasks keep Redis work per request far below one round trip:
   correlation number.
 
 A reply for a call that already gave up (deadline, cancel) finds no future
-and is dropped and counted, so late replies never leak.
+and is dropped and counted, so late replies never leak.  A call cancelled by
+its client also sends a cancellation down the model's request stream, so a
+request that is still queued leaves the queue instead of running.
 """
 
 from __future__ import annotations
@@ -25,21 +29,23 @@ import time
 from collections import defaultdict
 from typing import Any
 
-from broker import keys
-from broker.messages import Stat, group_fields, iter_replies
-from ferry.errors import DeadlineExceeded, FerryError, Unavailable
+from broker import keys, scripts
+from broker.messages import Queued, Stat, cancel_fields, group_fields, iter_replies
+from ferry.errors import DeadlineExceeded, FerryError, ResourceExhausted, Unavailable
 from ferry.redis_conn import REDIS_DOWN, connect, unavailable
 from ferry.repository import ModelVersion
 from ferry.resp import RespClient
 from ferry.settings import GatewaySettings
+from gateway.validate import Admission
 
 log = logging.getLogger("ferry.gateway")
 
 LISTEN_BLOCK_S = 1.0
 POP_COUNT = 256
+MAX_GROUP = 1024  # requests per group: keeps a script call's argument count far below Lua's limit
 
 Reply = tuple[int, bytes]
-_Queued = tuple[int, int, bytes, "asyncio.Future[Reply]"]  # corr, rows, payload, future
+_Outbox = tuple[ModelVersion, int, str]  # model version, level, shape key
 
 
 def _fail(fut: asyncio.Future[Reply], err: FerryError) -> None:
@@ -64,7 +70,9 @@ class Dispatcher:
         self._listen = RespClient(settings.redis_url, settings.redis_timeout_s + LISTEN_BLOCK_S)
         self._pending: dict[int, asyncio.Future[Reply]] = {}
         self._corr = itertools.count(1)
-        self._outbox: dict[ModelVersion, list[_Queued]] = defaultdict(list)
+        self._outbox: dict[_Outbox, list[tuple[Queued, asyncio.Future[Reply]]]] = defaultdict(list)
+        self._cancels: dict[ModelVersion, list[int]] = defaultdict(list)
+        self._sha_enqueue = scripts.sha(scripts.ENQUEUE)
         self._ready = asyncio.Event()
         self._last_flush = 0.0
         self._last_group = 0
@@ -114,13 +122,21 @@ class Dispatcher:
         await self._resp.close()
         await self._listen.close()
 
-    async def submit(self, mv: ModelVersion, rows: int, payload: bytes, timeout_s: float) -> Reply:
+    async def submit(self, mv: ModelVersion, adm: Admission, payload: bytes, timeout_s: float) -> Reply:
         """Queue one validated request; wait for its (code, body) reply."""
+        if len(self._pending) >= self.settings.max_inflight:
+            raise ResourceExhausted(
+                f"this gateway already holds {len(self._pending)} requests (max_inflight "
+                f"{self.settings.max_inflight}); retry later, on another gateway, or raise max_inflight"
+            )
         corr = next(self._corr)
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Reply] = loop.create_future()
         self._pending[corr] = fut
-        self._outbox[mv].append((corr, rows, payload, fut))
+        now_ns = time.time_ns()
+        timeout_ns = now_ns + adm.queue_timeout_us * 1000 if adm.queue_timeout_us else 0
+        queued = Queued(corr, adm.rows, now_ns + int(timeout_s * 1e9), timeout_ns, payload)
+        self._outbox[(mv, adm.level, adm.shape)].append((queued, fut))
         # Under light load (the last round trip carried a single request, or none
         # was sent for a whole interval) a request leaves at once; otherwise it
         # waits at most one interval for others to share its round trip.
@@ -131,6 +147,11 @@ class Dispatcher:
         timer = loop.call_later(timeout_s, _expire, fut, mv, timeout_s)
         try:
             return await fut
+        except asyncio.CancelledError:
+            # The client went away: take the request out of the queue if it is still there.
+            self._cancels[mv].append(corr)
+            self._ready.set()
+            raise
         finally:
             timer.cancel()
             del self._pending[corr]
@@ -142,19 +163,50 @@ class Dispatcher:
         if sent is not None:
             sent.add_done_callback(lambda f: f.cancelled() or f.exception())
 
-    def _groups(self, mv: ModelVersion, queued: list[_Queued]) -> list[list[_Queued]]:
+    @staticmethod
+    def _groups(mv: ModelVersion, queued: list[tuple[Queued, asyncio.Future[Reply]]]
+                ) -> list[list[tuple[Queued, asyncio.Future[Reply]]]]:
         limit = mv.settings.max_batch_size
+        most = min(MAX_GROUP, mv.settings.queue_policy.max_queue_size)
         if limit == 0:
             return [[q] for q in queued]
-        groups: list[list[_Queued]] = [[]]
+        groups: list[list[tuple[Queued, asyncio.Future[Reply]]]] = [[]]
         rows = 0
         for q in queued:
-            if rows + q[1] > limit:
+            if rows + q[0].rows > limit or len(groups[-1]) >= most:
                 groups.append([])
                 rows = 0
             groups[-1].append(q)
-            rows += q[1]
+            rows += q[0].rows
         return groups
+
+    def _commands(self) -> tuple[list[list[bytes | str | int]], list[tuple[ModelVersion, list[Any]]]]:
+        """One round trip's commands, and per command the futures it admits (or [] for none)."""
+        outbox, self._outbox = self._outbox, defaultdict(list)
+        cancels, self._cancels = self._cancels, defaultdict(list)
+        now_ns = time.time_ns()
+        gw = self.settings.gateway_id
+        commands: list[list[bytes | str | int]] = []
+        admits: list[tuple[ModelVersion, list[Any]]] = []
+        for (mv, level, shape), queued in outbox.items():
+            stream = keys.request_stream(mv.name, mv.version)
+            counter = keys.queue_count(mv.name, mv.version)
+            for group in self._groups(mv, queued):
+                command: list[bytes | str | int] = [
+                    "EVALSHA", self._sha_enqueue, 2, stream, counter, len(group),
+                    mv.settings.queue_policy.max_queue_size,
+                ]
+                for field, value in group_fields(gw, now_ns, level, shape, [q for q, _ in group]).items():
+                    command += (field, value)
+                commands.append(command)
+                admits.append((mv, [f for _, f in group]))
+        for mv, corrs in cancels.items():
+            command = ["XADD", keys.request_stream(mv.name, mv.version), "*"]
+            for field, value in cancel_fields(gw, corrs).items():
+                command += (field, value)
+            commands.append(command)
+            admits.append((mv, []))
+        return commands, admits
 
     async def _submitter(self) -> None:
         while True:
@@ -165,29 +217,38 @@ class Dispatcher:
                 self._timer = None
             self._last_flush = asyncio.get_running_loop().time()
             self._last_group = sum(len(q) for q in self._outbox.values())
-            outbox, self._outbox = self._outbox, defaultdict(list)
-            now_ns = time.time_ns()
-            commands: list[list[bytes | str]] = []
-            futures = []
-            for mv, queued in outbox.items():
-                stream = keys.request_stream(mv.name, mv.version)
-                for group in self._groups(mv, queued):
-                    requests = [(c, r, p) for c, r, p, _ in group]
-                    command: list[bytes | str] = ["XADD", stream, "*"]
-                    for field, value in group_fields(self.settings.gateway_id, now_ns, requests).items():
-                        command += (field, value)
-                    commands.append(command)
-                futures += [q[3] for q in queued]
+            commands, admits = self._commands()
             try:
-                await self._resp.execute(commands)
-            except Exception as exc:
-                if isinstance(exc, REDIS_DOWN):
-                    err: FerryError = unavailable(self.settings.redis_url, exc)
-                else:
-                    log.exception("queueing %d requests failed", len(futures))
-                    err = Unavailable(f"could not queue the request: {exc}")
-                for fut in futures:
-                    _fail(fut, err)
+                try:
+                    replies = await self._resp.execute(commands, raise_errors=False)
+                    if any(isinstance(r, Exception) and str(r).startswith("NOSCRIPT") for r in replies):
+                        # Redis restarted since the scripts were loaded: nothing ran; load and resend.
+                        await scripts.load_all(self._resp)
+                        replies = await self._resp.execute(commands, raise_errors=False)
+                except REDIS_DOWN as exc:
+                    replies = [unavailable(self.settings.redis_url, exc)] * len(commands)
+                for (mv, futures), reply in zip(admits, replies, strict=True):
+                    if isinstance(reply, int) and reply < 0:
+                        err: FerryError | None = ResourceExhausted(
+                            f"the queue of model {mv.name!r} v{mv.version} is full: {-1 - reply} requests wait, "
+                            f"max_queue_size is {mv.settings.queue_policy.max_queue_size}; retry later, "
+                            "add workers, or raise max_queue_size in its config.pbtxt"
+                        )
+                    elif isinstance(reply, FerryError):
+                        err = reply
+                    elif isinstance(reply, Exception):
+                        log.error("queueing %d requests failed: %s", len(futures), reply)
+                        err = Unavailable(f"could not queue the request: {reply}")
+                    else:
+                        err = None
+                    if err is not None:
+                        for fut in futures:
+                            _fail(fut, err)
+            except Exception:
+                log.exception("queueing requests failed")
+                for _, futures in admits:
+                    for fut in futures:
+                        _fail(fut, Unavailable("could not queue the request (gateway error; see its log)"))
 
     async def _listener(self) -> None:
         # Redis 7's BLMPOP waits and then pops everything queued in one round trip.

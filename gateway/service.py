@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 
 import ferry
+from broker.liveness import LiveWorkers
 from ferry.errors import FerryError, InvalidArgument, NotFound, Unimplemented
 from ferry.pbwire import len_field
 from ferry.redis_conn import REDIS_DOWN, unavailable
@@ -24,7 +25,6 @@ from ferry.repository import ModelVersion, Repository
 from ferry.settings import GatewaySettings
 from gateway import statistics
 from gateway.dispatch import Dispatcher
-from gateway.liveness import LiveWorkers
 from gateway.status import describe, raise_for_reply, unary
 from gateway.validate import RequestValidator
 from protos import grpc_service_pb2 as pb
@@ -137,9 +137,9 @@ class InferenceService:
         mv: ModelVersion = self.repo.get(req.model_name, req.model_version)
         started = time.perf_counter_ns()
         try:
-            rows = self.validators[mv.key].rows(req)
+            admission = self.validators[mv.key].check(req)
             self.live.require(mv)
-            code, body = await self.dispatcher.submit(mv, rows, raw, timeout_s)
+            code, body = await self.dispatcher.submit(mv, admission, raw, timeout_s)
         except FerryError:
             # Failures the gateway decides on; workers count the ones they decide on.
             self.dispatcher.count_failure(mv, time.perf_counter_ns() - started)

@@ -2,11 +2,22 @@
 
 Everything a worker would trip over is rejected here with INVALID_ARGUMENT
 naming the input, so a batch never fails because of one bad member.  The
-result is the number of rows the request adds to a batch.
+result says how the request is scheduled: the rows it adds to a batch, its
+priority level, its shape key and its queue timeout.
+
+Scheduling parameters (the Open Inference Protocol's, with Triton's meaning):
+
+* ``priority`` (int64 or uint64): 1 is the highest level, up to the model's
+  ``priority_levels``; 0 or absent means ``default_priority_level``.
+  Ignored, as in Triton, when the model has no priority levels.
+* ``timeout`` (int64 or uint64, microseconds): the request's queue timeout.
+  It applies only if the model's queue policy sets ``allow_timeout_override``,
+  and then only to shorten the model's ``default_timeout_microseconds``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from ferry import datatypes
@@ -19,8 +30,29 @@ from ferry.repository import ModelVersion
 MAX_ELEMENTS = 1 << 40
 
 
+@dataclass(frozen=True, slots=True)
+class Admission:
+    rows: int
+    level: int  # 0 = highest priority (Triton's level 1)
+    shape: str  # requests with different keys never share a batch
+    queue_timeout_us: int  # 0 = none
+
+
+def _int_param(req: Any, name: str) -> int | None:
+    if name not in req.parameters:
+        return None
+    p = req.parameters[name]
+    which = p.WhichOneof("parameter_choice")
+    if which not in ("int64_param", "uint64_param"):
+        raise InvalidArgument(f"parameter {name!r} must be an integer (int64_param or uint64_param), not {which}")
+    value = int(getattr(p, which))
+    if value < 0:
+        raise InvalidArgument(f"parameter {name!r} must be >= 0, not {value}")
+    return value
+
+
 class RequestValidator:
-    """Precomputed lookups for one model version; ``rows()`` validates one request."""
+    """Precomputed lookups for one model version; ``check()`` validates one request."""
 
     def __init__(self, mv: ModelVersion) -> None:
         self.mv = mv
@@ -30,6 +62,56 @@ class RequestValidator:
         self.inputs: dict[str, TensorSpec] = {t.name: t for t in s.inputs}
         self.outputs = {t.name for t in s.outputs}
         self.expected = ", ".join(self.inputs)
+        self.levels = s.priority_levels
+        self.default_level = s.default_priority_level
+        self.policy = s.queue_policy
+        self.buckets = dict(s.shape_buckets)
+        # Inputs whose non-batch dims vary: their dims make up the shape key.
+        self.variable = [t for t in s.inputs if -1 in t.dims] if self.max_batch > 0 else []
+
+    def check(self, req: Any) -> Admission:
+        rows = self.rows(req)
+        return Admission(rows, self._level(req), self._shape_key(req), self._queue_timeout(req))
+
+    def _level(self, req: Any) -> int:
+        priority = _int_param(req, "priority")
+        if not self.levels:
+            return 0
+        if not priority:
+            return self.default_level - 1
+        if priority > self.levels:
+            raise InvalidArgument(
+                f"priority {priority} is not a level of {self.label}: it has priority_levels {self.levels} "
+                "(1 is the highest; 0 means the default level)"
+            )
+        return priority - 1
+
+    def _queue_timeout(self, req: Any) -> int:
+        asked = _int_param(req, "timeout")
+        default = self.policy.default_timeout_us
+        if not asked or not self.policy.allow_timeout_override:
+            return default
+        return asked if default == 0 else min(asked, default)
+
+    def _shape_key(self, req: Any) -> str:
+        if not self.variable:
+            return ""
+        shapes = {t.name: list(t.shape) for t in req.inputs}
+        parts = []
+        for spec in self.variable:
+            dims = shapes[spec.name][1:]
+            buckets = self.buckets.get(spec.name)
+            if buckets:
+                for d, want in zip(dims, spec.dims, strict=True):
+                    if want == -1 and d > buckets[-1]:
+                        raise InvalidArgument(
+                            f"input {spec.name!r}: dimension {d} is larger than the largest shape bucket "
+                            f"{buckets[-1]} of {self.label} (ferry.shape_buckets)"
+                        )
+                dims = [next(b for b in buckets if b >= d) if want == -1 else d
+                        for d, want in zip(dims, spec.dims, strict=True)]
+            parts.append(f"{spec.name}:{','.join(map(str, dims))}")
+        return ";".join(parts)
 
     def _shape(self, spec: TensorSpec, shape: list[int]) -> tuple[int, int]:
         """(batch rows, element count) for one input's declared shape."""

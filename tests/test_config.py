@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.models import unbatched_model, versioned_model
+from tests.models import fragile_model, unbatched_model, versioned_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,9 +31,29 @@ for p in sys.argv[1:]:
 print(json.dumps(out))
 """
 
+# Same, but reports the scheduling settings of the newest version of the repository's one model.
+SCHEDULING_LOADER = """
+import dataclasses, json, sys
+from pathlib import Path
+from ferry.errors import ConfigError
+from ferry.model_config import DEFAULT_MAX_QUEUE_SIZE
+from ferry.repository import load_repository
+out = {"DEFAULT_MAX_QUEUE_SIZE": DEFAULT_MAX_QUEUE_SIZE}
+for p in sys.argv[1:]:
+    try:
+        s = load_repository(Path(p)).all_versions()[-1].settings
+    except ConfigError as exc:
+        out[p] = exc.message
+        continue
+    out[p] = {"priority_levels": s.priority_levels, "default_priority_level": s.default_priority_level,
+              "queue_policy": dataclasses.asdict(s.queue_policy), "static_batch_sizes": s.static_batch_sizes,
+              "shape_buckets": s.shape_buckets}
+print(json.dumps(out))
+"""
 
-def _load(paths: list[Path]) -> dict[str, str]:
-    proc = subprocess.run([sys.executable, "-c", LOADER, *map(str, paths)], capture_output=True, text=True,
+
+def _load(paths: list[Path], script: str = LOADER) -> dict[str, str]:
+    proc = subprocess.run([sys.executable, "-c", script, *map(str, paths)], capture_output=True, text=True,
                           timeout=60, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     return {Path(k).name: v for k, v in json.loads(proc.stdout).items()}
@@ -79,6 +99,123 @@ def test_config_errors_name_file_and_field(tmp_path: Path) -> None:
             assert "config.pbtxt" in msg or "versioned" in msg, msg
     assert "max_batch_size" in results["fixed-batch"] and "first dimension must be dynamic" in results["fixed-batch"]
     assert "no version directory" in results["empty"]
+
+
+def _fragile(root: Path, config: str) -> Path:
+    """Model 'fragile': input x is FP32 [batch, -1], so it has a variable dim to bucket."""
+    fragile_model(root)
+    (root / "fragile" / "config.pbtxt").write_text(config)
+    return root
+
+
+def _params(**values: str) -> str:
+    return "".join(f'parameters {{ key: "ferry.{k}" value {{ string_value: "{v}" }} }}\n' for k, v in values.items())
+
+
+DEFAULT_POLICY = {"timeout_action": "REJECT", "default_timeout_us": 0, "allow_timeout_override": False,
+                  "max_queue_size": 4096}
+# case -> (model, config, expected settings); only the fields that differ from the defaults are listed.
+SCHEDULING_OK = {
+    "defaults": (_versioned, "max_batch_size: 4\n", {}),
+    "empty-batching": (_versioned, "max_batch_size: 4\ndynamic_batching { }\n", {}),
+    "priorities": (_versioned, "max_batch_size: 4\ndynamic_batching { priority_levels: 3 default_priority_level: 3 }\n",
+                   {"priority_levels": 3, "default_priority_level": 3}),
+    "highest-default": (_versioned, "max_batch_size: 4\ndynamic_batching { priority_levels: 2 "
+                        "default_priority_level: 1 }\n", {"priority_levels": 2, "default_priority_level": 1}),
+    "policy": (_versioned, "max_batch_size: 4\ndynamic_batching { default_queue_policy { timeout_action: DELAY "
+               "default_timeout_microseconds: 5000 allow_timeout_override: true max_queue_size: 16 } }\n",
+               {"queue_policy": {"timeout_action": "DELAY", "default_timeout_us": 5000,
+                                 "allow_timeout_override": True, "max_queue_size": 16}}),
+    # Triton's max_queue_size 0 is "unbounded"; Ferry substitutes its default bound.
+    "policy-unbounded": (_versioned, "max_batch_size: 4\ndynamic_batching { default_queue_policy { "
+                         "timeout_action: REJECT default_timeout_microseconds: 100 max_queue_size: 0 } }\n",
+                         {"queue_policy": {**DEFAULT_POLICY, "default_timeout_us": 100}}),
+    "batch-sizes": (_versioned, "max_batch_size: 4\n" + _params(batch_sizes=" 4, 1,2,2"),
+                    {"static_batch_sizes": [1, 2, 4]}),
+    "buckets": (_fragile, "max_batch_size: 8\n" + _params(shape_buckets="x = 64,16, 32,16"),
+                {"shape_buckets": [["x", [16, 32, 64]]]}),
+    # Unbatched: dims include the leading -1 of versioned's x, so it can be bucketed.
+    "buckets-unbatched": (_versioned, "max_batch_size: 0\n" + _params(shape_buckets="x=8,2"),
+                          {"shape_buckets": [["x", [2, 8]]]}),
+    "everything": (_fragile, "max_batch_size: 8\ndynamic_batching { preferred_batch_size: [4] priority_levels: 2 "
+                   "default_priority_level: 2 default_queue_policy { allow_timeout_override: true } }\n"
+                   + _params(batch_sizes="1,4,8", shape_buckets="x=16,32"),
+                   {"priority_levels": 2, "default_priority_level": 2,
+                    "queue_policy": {**DEFAULT_POLICY, "allow_timeout_override": True},
+                    "static_batch_sizes": [1, 4, 8], "shape_buckets": [["x", [16, 32]]]}),
+}
+
+B4 = "max_batch_size: 4\n"
+# case -> (model, config, the text the error must contain: the field, then why / how to fix).
+SCHEDULING_ERRORS = {
+    "per-level-policy": (_versioned, B4 + "dynamic_batching { priority_levels: 2 default_priority_level: 1 "
+                         "priority_queue_policy { key: 1 value { max_queue_size: 4 } } }\n",
+                         "dynamic_batching.priority_queue_policy: per-level queue policies are not supported; "
+                         "use default_queue_policy"),
+    "ordering": (_versioned, B4 + "dynamic_batching { preserve_ordering: true }\n",
+                 "dynamic_batching.preserve_ordering: not supported; "),
+    "level-without-levels": (_versioned, B4 + "dynamic_batching { default_priority_level: 1 }\n",
+                             "dynamic_batching.default_priority_level: 1 but priority_levels is 0"),
+    "level-missing": (_versioned, B4 + "dynamic_batching { priority_levels: 2 }\n",
+                      "dynamic_batching.default_priority_level: 0 must be between 1 and priority_levels (2)"),
+    "level-too-low": (_versioned, B4 + "dynamic_batching { priority_levels: 3 default_priority_level: 4 }\n",
+                      "dynamic_batching.default_priority_level: 4 must be between 1 and priority_levels (3)"),
+    "action": (_versioned, B4 + "dynamic_batching { default_queue_policy { timeout_action: 7 } }\n",
+               "dynamic_batching.default_queue_policy.timeout_action: 7 is not a timeout action; use REJECT or DELAY"),
+    "action-name": (_versioned, B4 + "dynamic_batching { default_queue_policy { timeout_action: DROP } }\n",
+                    "TimeoutAction\" has no value named DROP"),
+    "queue-size": (_versioned, B4 + "dynamic_batching {\n  default_queue_policy {\n    max_queue_size: -1\n  }\n}\n",
+                   "'    max_queue_size: -1': Value out of range: -1 (this field is unsigned: use 0 or more)"),
+    "levels-negative": (_versioned, B4 + "dynamic_batching {\n  priority_levels: -2\n}\n",
+                        "'  priority_levels: -2': Value out of range: -2 (this field is unsigned"),
+    "sizes-unbatched": (_versioned, "max_batch_size: 0\n" + _params(batch_sizes="1"),
+                        "parameters['ferry.batch_sizes']: requires max_batch_size > 0"),
+    "sizes-too-big": (_versioned, B4 + _params(batch_sizes="1,8"),
+                      "parameters['ferry.batch_sizes']: 8 is larger than max_batch_size (4)"),
+    "sizes-short": (_versioned, B4 + _params(batch_sizes="1,2"),
+                    "parameters['ferry.batch_sizes']: largest size 2 must equal max_batch_size (4)"),
+    "sizes-zero": (_versioned, B4 + _params(batch_sizes="0,4"),
+                   "parameters['ferry.batch_sizes']: '0' is not a positive integer"),
+    "sizes-float": (_versioned, B4 + _params(batch_sizes="1,2.5,4"),
+                    "parameters['ferry.batch_sizes']: '2.5' is not a positive integer"),
+    "sizes-gap": (_versioned, B4 + _params(batch_sizes="1,,4"),
+                  "parameters['ferry.batch_sizes']: '' is not a positive integer"),
+    "sizes-empty": (_versioned, B4 + _params(batch_sizes=" "),
+                    "parameters['ferry.batch_sizes']: no sizes"),
+    "buckets-input": (_fragile, "max_batch_size: 8\n" + _params(shape_buckets="y=16"),
+                      "parameters['ferry.shape_buckets']: 'y' is not an input of the model (inputs: x)"),
+    "buckets-fixed": (_versioned, B4 + _params(shape_buckets="x=16"),
+                      "parameters['ferry.shape_buckets']: input 'x' has fixed dims [2]"),
+    "buckets-size": (_fragile, "max_batch_size: 8\n" + _params(shape_buckets="x=16,-2"),
+                     "parameters['ferry.shape_buckets']: input 'x': '-2' is not a positive integer"),
+    "buckets-empty": (_fragile, "max_batch_size: 8\n" + _params(shape_buckets="x="),
+                      "parameters['ferry.shape_buckets']: input 'x': no sizes"),
+    "buckets-syntax": (_fragile, "max_batch_size: 8\n" + _params(shape_buckets="x:16"),
+                       "parameters['ferry.shape_buckets']: 'x:16' is not input=size,size,..."),
+    "buckets-twice": (_fragile, "max_batch_size: 8\n" + _params(shape_buckets="x=16;x=32"),
+                      "parameters['ferry.shape_buckets']: input 'x' is listed twice"),
+    "known-params": (_versioned, B4 + _params(batch_size="4"),
+                     "ferry.batch_sizes: batch sizes a compiled model accepts"),
+}
+
+
+def test_scheduling_fields_are_exposed(tmp_path: Path) -> None:
+    roots = [model(tmp_path / case, config) for case, (model, config, _) in SCHEDULING_OK.items()]
+    results = _load(roots, SCHEDULING_LOADER)
+    assert results["DEFAULT_MAX_QUEUE_SIZE"] == 4096
+    defaults = {"priority_levels": 0, "default_priority_level": 0, "queue_policy": DEFAULT_POLICY,
+                "static_batch_sizes": [], "shape_buckets": []}
+    for case, (_, _, expected) in SCHEDULING_OK.items():
+        assert results[case] == {**defaults, **expected}, case
+
+
+def test_scheduling_errors_name_file_and_field(tmp_path: Path) -> None:
+    roots = [model(tmp_path / case, config) for case, (model, config, _) in SCHEDULING_ERRORS.items()]
+    results = _load(roots, SCHEDULING_LOADER)
+    for case, (_, _, needle) in SCHEDULING_ERRORS.items():
+        msg = results[case]
+        assert isinstance(msg, str) and needle in msg, f"{case}: {msg}"
+        assert msg.startswith(str(tmp_path / case)) and "config.pbtxt: " in msg, msg
 
 
 def test_cli_reports_config_errors_and_unknown_settings(tmp_path: Path) -> None:

@@ -1,9 +1,18 @@
-"""Run one batch: decode members, join inputs, one model call, split, encode replies.
+"""Run one batch: decode members, pad, join inputs, one model call, split, encode replies.
 
 Members whose non-batch dimensions differ cannot share a tensor, so they run
-as separate sub-batches; a member that fails to decode gets its own error
-reply and the rest of the batch still runs.  A model execution error fails
-that (sub-)batch's members with INTERNAL and nothing else.
+as separate sub-batches (the broker already keeps different shape keys
+apart; this is the worker's own guarantee).  With ``ferry.shape_buckets``
+each bucketed input's variable dimensions are first padded with zeros (empty
+strings for BYTES) up to the bucket size, so members of one bucket share a
+batch; outputs keep the padded length.  With ``ferry.batch_sizes`` (a model
+compiled for fixed batch sizes) the batch is padded with zero rows up to the
+smallest compiled size and the padding rows are cut from the outputs.
+
+A member whose deadline passed while it was queued is answered
+DEADLINE_EXCEEDED without running; one that fails to decode gets its own
+error reply; the rest of the batch still runs.  A model execution error
+fails that (sub-)batch's members with INTERNAL and nothing else.
 """
 
 from __future__ import annotations
@@ -15,11 +24,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from broker.messages import Member, Stat, encode_reply
 from ferry import datatypes
 from ferry.errors import Code, FerryError, Internal
 from ferry.repository import ModelVersion
-from workers.codec import Decoded, ResponseEncoder, decode, join_inputs
+from workers.codec import Decoded, ResponseEncoder, decode, input_array, join_inputs
 from workers.runtime import Runtime
 
 log = logging.getLogger("ferry.worker")
@@ -29,6 +40,21 @@ log = logging.getLogger("ferry.worker")
 class BatchResult:
     replies: list[tuple[str, bytes]] = field(default_factory=list)  # (gateway id, encoded reply)
     stats: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    rows_run: int = 0  # rows the model computed, padding included
+
+
+def _fail(result: BatchResult, m: Member, code: int, message: str, now_ns: int) -> None:
+    result.replies.append((m.gateway, encode_reply(m.corr, code, message.encode())))
+    result.stats[Stat.FAIL_COUNT] += 1
+    result.stats[Stat.FAIL_NS] += max(0, now_ns - m.enqueued_ns)
+
+
+def bucket_dims(dims: tuple[int, ...], spec_dims: tuple[int, ...], buckets: tuple[int, ...]) -> tuple[int, ...]:
+    """Variable dims rounded up to their bucket (the gateway rejected anything over the largest)."""
+    return tuple(
+        next((b for b in buckets if b >= d), d) if want == -1 else d
+        for d, want in zip(dims, spec_dims, strict=True)
+    )
 
 
 class BatchRunner:
@@ -40,6 +66,17 @@ class BatchRunner:
         self.batched = mv.settings.max_batch_size > 0
         self.specs = {t.name: t for t in mv.settings.inputs}
         self.encoder = ResponseEncoder(mv)
+        self.buckets = dict(mv.settings.shape_buckets)
+        self.static_sizes = tuple(sorted(mv.settings.static_batch_sizes))
+
+    def _padded_shapes(self, d: Decoded) -> dict[str, tuple[int, ...]]:
+        """Each input's non-batch dims after bucketing: what members must agree on to share a tensor."""
+        out = {}
+        for name, spec in self.specs.items():
+            dims = d.shapes[name][1:] if self.batched else d.shapes[name]
+            buckets = self.buckets.get(name)
+            out[name] = bucket_dims(dims, spec.dims, buckets) if buckets else dims
+        return out
 
     def run(self, members: Sequence[Member]) -> BatchResult:
         result = BatchResult()
@@ -47,23 +84,46 @@ class BatchRunner:
         t0 = time.perf_counter_ns()
         groups: dict[tuple[Any, ...], list[tuple[Member, Decoded]]] = defaultdict(list)
         for m in members:
+            if m.deadline_ns and m.deadline_ns < start_ns:
+                # Its client has given up already: running it would only delay the others.
+                late = (start_ns - m.deadline_ns) / 1e6
+                _fail(result, m, Code.DEADLINE_EXCEEDED,
+                      f"model {self.mv.name!r} v{self.mv.version}: deadline passed {late:.1f} ms before "
+                      "a worker could run the request", start_ns)
+                continue
             try:
                 d = decode(self.specs, m.payload)
             except Exception as exc:  # a malformed payload must not take the worker down
                 err = exc if isinstance(exc, FerryError) else None
-                code = err.code if err else Code.INVALID_ARGUMENT
-                message = err.message if err else f"cannot decode request: {exc}"
-                result.replies.append((m.gateway, encode_reply(m.corr, code, message.encode())))
-                result.stats[Stat.FAIL_COUNT] += 1
-                result.stats[Stat.FAIL_NS] += max(0, time.time_ns() - m.enqueued_ns)
+                _fail(result, m, err.code if err else Code.INVALID_ARGUMENT,
+                      err.message if err else f"cannot decode request: {exc}", time.time_ns())
                 continue
-            # Only members whose non-batch dims agree can share a tensor.
-            sig: tuple[Any, ...] = tuple(d.shapes[n][1:] for n in self.specs) if self.batched else (id(d),)
+            # Only members whose (padded) non-batch dims agree can share a tensor.
+            sig: tuple[Any, ...] = tuple(self._padded_shapes(d).values()) if self.batched else (id(d),)
             groups[sig].append((m, d))
         decode_ns = time.perf_counter_ns() - t0
         for group in groups.values():
             self._run_group(group, result, start_ns, decode_ns)
         return result
+
+    def _inputs(self, decoded: list[Decoded], rows: int) -> tuple[dict[str, np.ndarray[Any, Any]], int]:
+        """The batch's input tensors (bucket- and batch-padded) and the rows the model will compute."""
+        target = rows
+        if self.static_sizes:
+            target = next((s for s in self.static_sizes if s >= rows), rows)
+        inputs = {}
+        pad_to = self._padded_shapes(decoded[0]) if self.buckets else None
+        for name, spec in self.specs.items():
+            if pad_to is not None and name in self.buckets:
+                arrays = [_pad(input_array(spec, d), pad_to[name], self.batched) for d in decoded]
+                arr = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
+            else:
+                arr = join_inputs(spec, decoded, rows)
+            if target > rows:
+                fill = np.full((target - rows, *arr.shape[1:]), b"" if spec.dtype.is_bytes else 0, dtype=arr.dtype)
+                arr = np.concatenate([arr, fill])
+            inputs[name] = arr
+        return inputs, target
 
     def _run_group(
         self, group: list[tuple[Member, Decoded]], result: BatchResult, start_ns: int, decode_ns: int
@@ -74,12 +134,16 @@ class BatchRunner:
         rows = sum(m.rows for m, _ in group)
         t0 = time.perf_counter_ns()
         try:
-            inputs = {name: join_inputs(spec, decoded, rows) for name, spec in self.specs.items()}
+            inputs, computed = self._inputs(decoded, rows) if self.batched else (
+                {name: join_inputs(spec, decoded, rows) for name, spec in self.specs.items()}, rows)
             t1 = time.perf_counter_ns()
             output_names = list(self.encoder.all_outputs)
             outputs = self.runtime.run(inputs, output_names)
-            if self.batched and any(outputs[n].shape[:1] != (rows,) for n in output_names):
-                raise Internal(f"model returned outputs whose first dimension is not the batch size {rows}")
+            if self.batched and any(outputs[n].shape[:1] != (computed,) for n in output_names):
+                raise Internal(f"model returned outputs whose first dimension is not the batch size {computed}")
+            if computed > rows:
+                outputs = {n: outputs[n][:rows] for n in output_names}  # cut the padding rows
+            result.rows_run += computed
         except Exception as exc:
             code = exc.code if isinstance(exc, FerryError) else Code.INTERNAL
             message = exc.message if isinstance(exc, FerryError) else f"model execution failed: {exc}"
@@ -121,7 +185,7 @@ class BatchRunner:
             stats[Stat.SUCCESS_NS] += max(0, now_ns - m.enqueued_ns)
         t3 = time.perf_counter_ns()
         n = len(group)
-        size = rows if self.batched else 1
+        size = computed if self.batched else 1
         input_ns = t1 - t0 + decode_ns
         stats[Stat.SUCCESS_COUNT] += n
         stats[Stat.INFERENCE_COUNT] += size
@@ -135,3 +199,14 @@ class BatchRunner:
         stats[Stat.batch(size, "infer_ns")] += t2 - t1
         stats[Stat.batch(size, "output_ns")] += t3 - t2
         stats[Stat.LAST_INFERENCE_MS] = now_ns // 1_000_000
+
+
+def _pad(arr: np.ndarray[Any, Any], dims: tuple[int, ...], batched: bool) -> np.ndarray[Any, Any]:
+    """Zero-pad (empty strings for BYTES) the non-batch dims of one member's input up to ``dims``."""
+    have = arr.shape[1:] if batched else arr.shape
+    if have == dims:
+        return arr
+    widths = ([(0, 0)] if batched else []) + [(0, want - got) for got, want in zip(have, dims, strict=True)]
+    if arr.dtype == object:
+        return np.pad(arr, widths, constant_values=b"")
+    return np.pad(arr, widths)

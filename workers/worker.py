@@ -18,7 +18,6 @@ when the broker's window is short.  Entries that do not fit are run next.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import socket
@@ -28,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from broker import keys, scripts
-from broker.messages import Member, Stat, encode_reply, parse_batch
+from broker.messages import Member, Stat, done_notice, encode_reply, parse_batch
 from ferry.errors import Code
 from ferry.redis_conn import REDIS_DOWN, connect, ensure_group
 from ferry.repository import Repository
@@ -44,18 +43,23 @@ STATS_FLUSH_S = 0.1
 
 
 class _Claimed:
-    __slots__ = ("entry_id", "members", "model", "rows", "version")
+    __slots__ = ("entry_id", "members", "model", "rows", "shape", "version")
 
     def __init__(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         self.entry_id = entry_id
-        self.model, self.version, self.members = parse_batch(fields)
+        self.model, self.version, self.shape, self.members = parse_batch(fields)
         self.rows = sum(m.rows for m in self.members)
+
+    @property
+    def kind(self) -> tuple[str, int, str]:
+        return self.model, self.version, self.shape
 
 
 class Worker:
     def __init__(self, settings: WorkerSettings, repo: Repository) -> None:
         self.settings = settings
         self.stream = keys.pool_stream(settings.pool)
+        self.done_channel = keys.done_channel(settings.pool)
         self.models: dict[tuple[str, int], BatchRunner] = {}
         for mv in repo.all_versions():
             if mv.settings.pool == settings.pool:
@@ -63,7 +67,7 @@ class Worker:
         self.redis = connect(settings.redis_url, settings.redis_timeout_s)
         self._reads = RespClient(settings.redis_url, settings.redis_timeout_s + READ_BLOCK_MS / 1000)
         self._writes = RespClient(settings.redis_url, settings.redis_timeout_s)
-        self._push_reply_sha = hashlib.sha1(scripts.PUSH_REPLY.encode()).hexdigest()
+        self._push_reply_sha = scripts.sha(scripts.PUSH_REPLY)
         self._stopping = asyncio.Event()
         self._carry: list[_Claimed] = []
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="ferry-compute")
@@ -128,7 +132,7 @@ class Worker:
         return [_Claimed(eid, fields) for _, entries in stream_entries(reply) for eid, fields in entries]
 
     async def _claim(self) -> list[_Claimed]:
-        """Claimed batch entries of one model that together fit in one run."""
+        """Claimed batch entries of one model and shape key that together fit in one run."""
         if not self._carry:
             if self._stopping.is_set():
                 return []
@@ -142,7 +146,7 @@ class Worker:
         limit = runner.mv.settings.max_batch_size if runner else 0
         take, keep, rows = [first], [], first.rows
         for c in self._carry[1:]:
-            if limit and (c.model, c.version) == (first.model, first.version) and rows + c.rows <= limit:
+            if limit and c.kind == first.kind and rows + c.rows <= limit:
                 take.append(c)
                 rows += c.rows
             else:
@@ -155,6 +159,7 @@ class Worker:
         ids = [c.entry_id for c in claimed]
         members: list[Member] = [m for c in claimed for m in c.members]
         runner = self.models.get((first.model, first.version))
+        started = time.perf_counter_ns()
         if runner is None:
             result = BatchResult()
             msg = f"worker {self.settings.worker_id} does not serve model {first.model!r} v{first.version}"
@@ -166,6 +171,11 @@ class Worker:
         self.batches_run += 1
         self._add_stats((first.model, first.version), result.stats)
         commands = self._reply_commands(ids, result)
+        if result.rows_run:
+            notice = done_notice(first.model, first.version, result.rows_run, time.perf_counter_ns() - started, ids)
+        else:
+            notice = done_notice(first.model, first.version, 0, 0, ids)  # frees room; nothing to learn
+        commands.append(["PUBLISH", self.done_channel, notice])
         # Replies hit the socket now, before the next read; the writer only waits for
         # Redis to confirm them (and retries if it did not).
         await self._outbox.put((commands, self._writes.send_now(commands)))

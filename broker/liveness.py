@@ -1,4 +1,4 @@
-"""Which model versions have a live worker, as seen from a gateway.
+"""Which model versions and pools have live workers, as seen from a gateway or broker.
 
 Workers register in ``ferry:workers`` with a heartbeat (see broker.keys).  A
 background task refreshes the gateway's view every ``REFRESH_S``, so the
@@ -20,7 +20,7 @@ from ferry.errors import FerryError, Unavailable
 from ferry.redis_conn import REDIS_DOWN, unavailable
 from ferry.repository import ModelVersion
 
-log = logging.getLogger("ferry.gateway")
+log = logging.getLogger("ferry.liveness")
 
 REFRESH_S = 0.5
 
@@ -33,6 +33,7 @@ class LiveWorkers:
         # from it (the gRPC health status) is never behind ServerReady.
         self.on_refresh: Callable[[Counter[tuple[str, int]]], Awaitable[None]] | None = None
         self._served: Counter[tuple[str, int]] = Counter()
+        self.pools: Counter[str] = Counter()  # live workers per pool
         self._error: FerryError | None = Unavailable("the gateway has not read the worker registry yet")
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -56,13 +57,16 @@ class LiveWorkers:
                 await self.on_refresh(Counter())
             return
         served: Counter[tuple[str, int]] = Counter()
+        pools: Counter[str] = Counter()
         for raw in infos:
             if raw is not None:
-                for name, version in json.loads(raw)["models"]:
+                info = json.loads(raw)
+                pools[info["pool"]] += 1
+                for name, version in info["models"]:
                     served[(name, int(version))] += 1
         if self.on_refresh is not None:
             await self.on_refresh(served)
-        self._served, self._error = served, None
+        self._served, self.pools, self._error = served, pools, None
 
     async def _loop(self) -> None:
         while True:

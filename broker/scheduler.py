@@ -1,0 +1,376 @@
+"""Batch formation for one model version: a pure, clock-injected scheduler.
+
+The broker feeds it requests and asks it for one batch whenever the model's
+pool has room for another (see broker.service); everything here is plain
+data structures on an injected monotonic clock, so the rules below are
+property-tested without Redis or a real clock (tests/test_scheduler.py).
+
+Order.  Requests wait in one FIFO per priority level (level 0 here is
+Triton's level 1, the highest), each with a second FIFO for requests that
+outlived their queue timeout under ``timeout_action: DELAY``: a level's
+delayed requests go after its punctual ones but before the next level's, as
+in Triton.  A batch starts from the head of the highest non-empty level and
+fills, in the same order, with requests of the same *shape key* (requests
+whose tensors cannot be concatenated never share a batch), so order is FIFO
+within a level and shape.
+
+Anti-starvation.  Each time a batch starts from a higher level, every
+non-empty lower level counts one skip; a level with ``starvation_limit``
+skips starts the next batch.  So a level with waiting requests is passed
+over at most ``starvation_limit + levels - 1`` batches in a row.
+
+Deadlines.  Every request carries the latest moment its answer is still
+useful (the client's deadline).  A request joins a batch only if the batch,
+by the learned latency model, finishes before the deadline of every member;
+a request that could not finish even alone is rejected as soon as that is
+true (``expire``), not when its deadline passes.  A queue timeout (Triton's
+queue policy) rejects or delays a request that waited too long.
+
+When.  ``adaptive`` (window None): a batch leaves as soon as the pool has
+room, with whatever is queued (up to the size limit): nobody waits for
+nothing at low load, and under load requests gather while workers are busy,
+so batches grow with the load by themselves.  ``fixed`` (window W): as
+Triton's dynamic batcher, a partial batch waits until its oldest request has
+waited W (kept for reproducible comparisons).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+
+class LatencyModel:
+    """Batch duration ≈ a·rows + b, fitted online from measured batches.
+
+    Least squares with exponential forgetting (half-life ``half_life``
+    batches), so the fit follows a changed machine or load within a few dozen
+    batches.  While every sample has the same size the slope is unknown; then
+    the duration is assumed proportional to rows, which over-estimates big
+    batches, the safe side for deadline checks.  ``overhead`` is the rest of
+    a batch's dispatch-to-done time (Redis hops, waiting in the pool stream).
+    """
+
+    def __init__(self, half_life: float = 64.0) -> None:
+        self._decay = 0.5 ** (1.0 / half_life)
+        self._w = self._x = self._y = self._xx = self._xy = 0.0
+        self.a = 0.0
+        self.b = 0.0
+        self.overhead = 0.0
+        self.samples = 0
+
+    def observe(self, rows: int, seconds: float) -> None:
+        d = self._decay
+        self._w = self._w * d + 1.0
+        self._x = self._x * d + rows
+        self._y = self._y * d + seconds
+        self._xx = self._xx * d + rows * rows
+        self._xy = self._xy * d + rows * seconds
+        self.samples += 1
+        w, x, y = self._w, self._x, self._y
+        var = w * self._xx - x * x
+        if var > 1e-9 * w * w:
+            a = (w * self._xy - x * y) / var
+            b = (y - a * x) / w
+            if a >= 0 and b >= 0:
+                self.a, self.b = a, b
+                return
+        # Degenerate or unphysical fit: proportional to rows through the origin.
+        self.a, self.b = (self._xy / self._xx if self._xx else 0.0), 0.0
+
+    def observe_overhead(self, seconds: float) -> None:
+        self.overhead = seconds if self.samples <= 1 else 0.9 * self.overhead + 0.1 * max(0.0, seconds)
+
+    def compute(self, rows: int) -> float:
+        return self.a * rows + self.b
+
+    def expected(self, rows: int) -> float:
+        return self.a * rows + self.b + self.overhead
+
+
+QUEUED, TAKEN, DROPPED = 0, 1, 2
+
+
+@dataclass(slots=True, eq=False)
+class Entry:
+    """One request-stream entry: acknowledged once every request it carried has left the queue."""
+
+    entry_id: bytes
+    count: int  # requests it carried (what the model's queue counter holds for it)
+    remaining: int
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    entry: Entry
+    gateway: str
+    corr: int
+    rows: int
+    enqueued_ns: int  # wall clock, set by the gateway
+    arrived: float  # monotonic, when the broker read it
+    deadline: float  # monotonic; math.inf for none
+    timeout_at: float  # monotonic end of its queue timeout; math.inf for none
+    level: int  # 0 = highest priority
+    shape: str
+    payload: bytes = b""
+    state: int = QUEUED
+    delayed: bool = False
+    token: int = 0  # changes whenever it is (re)placed: older copies in deques and heaps are stale
+
+
+@dataclass(slots=True)
+class Rejection:
+    request: Request
+    message: str
+
+
+Slot = tuple[int, Request]  # (token when placed, request)
+
+
+def _valid(slot: Slot) -> bool:
+    return slot[1].state == QUEUED and slot[1].token == slot[0]
+
+
+def _tidy(q: deque[Slot]) -> None:
+    while q and not _valid(q[0]):
+        q.popleft()
+
+
+@dataclass(slots=True)
+class _Level:
+    punctual: deque[Slot] = field(default_factory=deque)
+    delayed: deque[Slot] = field(default_factory=deque)
+    live: int = 0
+    skips: int = 0
+
+    def order(self) -> Iterator[Request]:
+        for slot in itertools.chain(self.punctual, self.delayed):
+            if _valid(slot):
+                yield slot[1]
+
+    def tidy(self) -> None:
+        _tidy(self.punctual)
+        _tidy(self.delayed)
+
+
+class ModelScheduler:
+    def __init__(
+        self,
+        label: str,
+        *,
+        max_batch_size: int,
+        levels: int = 1,
+        delay_on_timeout: bool = False,
+        window_s: float | None = None,
+        preferred: tuple[int, ...] = (),
+        static_sizes: tuple[int, ...] = (),
+        starvation_limit: int = 8,
+        latency: LatencyModel | None = None,
+    ) -> None:
+        self.label = label
+        self.max_batch_size = max_batch_size
+        self.delay_on_timeout = delay_on_timeout
+        self.window_s = window_s
+        self.static_sizes = tuple(sorted(static_sizes))
+        self.cap = min(max_batch_size, self.static_sizes[-1]) if self.static_sizes else max_batch_size
+        self._full_at = min(max(preferred), self.cap) if preferred else self.cap
+        self.starvation_limit = starvation_limit
+        self.latency = latency or LatencyModel()
+        self._levels = [_Level() for _ in range(max(1, levels))]
+        self._fifo: deque[Slot] = deque()  # arrival order, for the fixed window
+        self._checks: list[tuple[float, int, Request]] = []  # (when to look again, token, request)
+        self._index: dict[tuple[str, int], Request] = {}
+        self._tokens = itertools.count()
+        self.live = 0
+        self.live_rows = 0
+
+    def __len__(self) -> int:
+        return self.live
+
+    # --- arrivals, cancellations, expiry -------------------------------------------
+
+    def add(self, req: Request) -> None:
+        req.level = min(max(req.level, 0), len(self._levels) - 1)
+        self._place(req, front=False)
+
+    def _place(self, req: Request, *, front: bool) -> None:
+        req.token = next(self._tokens)
+        req.state = QUEUED
+        level = self._levels[req.level]
+        slot = (req.token, req)
+        q = level.delayed if req.delayed else level.punctual
+        if front:
+            q.appendleft(slot)
+            self._fifo.appendleft(slot)
+        else:
+            q.append(slot)
+            self._fifo.append(slot)
+        level.live += 1
+        self.live += 1
+        self.live_rows += req.rows
+        self._index[(req.gateway, req.corr)] = req
+        heapq.heappush(self._checks, (self._check_time(req), req.token, req))
+
+    def cancel(self, gateway: str, corr: int) -> Request | None:
+        """Remove a queued request whose client gave up; None if it already left the queue."""
+        req = self._index.get((gateway, corr))
+        if req is None or req.state != QUEUED:
+            return None
+        self._leave(req, DROPPED)
+        return req
+
+    def _check_time(self, req: Request) -> float:
+        when = req.deadline - self.latency.expected(req.rows)
+        return when if req.delayed else min(when, req.timeout_at)
+
+    def _leave(self, req: Request, state: int) -> None:
+        req.state = state
+        level = self._levels[req.level]
+        level.live -= 1
+        self.live -= 1
+        self.live_rows -= req.rows
+        self._index.pop((req.gateway, req.corr), None)
+        level.tidy()
+        _tidy(self._fifo)
+        if len(self._checks) > 4 * self.live + 256:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Drop stale slots (requests taken from the middle, or whose check is pending), so that
+        memory follows what is queued rather than what passed through."""
+        self._checks = [c for c in self._checks if c[2].state == QUEUED and c[2].token == c[1]]
+        heapq.heapify(self._checks)
+        self._fifo = deque(s for s in self._fifo if _valid(s))
+        for lv in self._levels:
+            lv.punctual = deque(s for s in lv.punctual if _valid(s))
+            lv.delayed = deque(s for s in lv.delayed if _valid(s))
+
+    def expire(self, now: float) -> list[Rejection]:
+        """Reject requests that can no longer make their deadline or queue timeout; delay under DELAY."""
+        out: list[Rejection] = []
+        checks = self._checks
+        while checks and checks[0][0] <= now:
+            _, token, req = heapq.heappop(checks)
+            if req.state != QUEUED or req.token != token:
+                continue
+            need = self.latency.expected(req.rows)
+            if now + need >= req.deadline:
+                left = max(0.0, req.deadline - now) * 1000
+                out.append(Rejection(req, (
+                    f"{self.label}: request cannot finish before its deadline ({left:.1f} ms left, "
+                    f"a batch takes about {need * 1000:.1f} ms now); allow a longer deadline, "
+                    "or add workers to this model's pool")))
+                self._leave(req, DROPPED)
+            elif not req.delayed and req.timeout_at <= now:
+                if self.delay_on_timeout:
+                    # Re-placed at the back of its level's delayed queue; the old slot goes stale.
+                    self._leave(req, DROPPED)
+                    req.delayed = True
+                    self._place(req, front=False)
+                else:
+                    waited = (now - req.arrived) * 1000
+                    out.append(Rejection(req, (
+                        f"{self.label}: request timed out in the queue after {waited:.1f} ms "
+                        "(queue policy timeout; timeout_action REJECT)")))
+                    self._leave(req, DROPPED)
+            else:
+                heapq.heappush(checks, (self._check_time(req), req.token, req))
+        return out
+
+    def next_check(self) -> float | None:
+        """Monotonic time at which ``expire`` has something to look at (None: nothing queued)."""
+        return self._checks[0][0] if self.live and self._checks else None
+
+    def window_closes(self) -> float | None:
+        """With a fixed window, when the oldest request's wait runs out (None otherwise)."""
+        if self.window_s is None or not self.live:
+            return None
+        return self._fifo[0][1].arrived + self.window_s
+
+    # --- batch formation ------------------------------------------------------------
+
+    def _start_level(self) -> int:
+        busy = [i for i, lv in enumerate(self._levels) if lv.live]
+        starving = [i for i in busy if self._levels[i].skips >= self.starvation_limit]
+        return starving[0] if starving else busy[0]
+
+    def ready(self, now: float) -> bool:
+        """Whether a batch may leave now (always, when adaptive and anything is queued)."""
+        if not self.live:
+            return False
+        if self.window_s is None or self.max_batch_size == 0:
+            return True
+        return self.live_rows >= self._full_at or now - self._fifo[0][1].arrived >= self.window_s
+
+    def take(self, now: float, *, drain: bool = False) -> list[Request]:
+        """One batch to hand to the pool now ([] when nothing may leave yet).
+
+        Call ``expire(now)`` first: a batch never starts with a request that
+        cannot make its deadline.
+        """
+        if not (self.ready(now) or (drain and self.live)):
+            return []
+        start = self._start_level()
+        head = next(self._levels[start].order())
+        batch = [head]
+        if self.max_batch_size > 0:
+            self._fill(batch, start, now)
+            if self.static_sizes:
+                self._fit_static(batch)
+        for lv_index, lv in enumerate(self._levels):
+            if lv_index > start and lv.live:
+                lv.skips += 1
+        self._levels[start].skips = 0
+        for r in batch:
+            self._leave(r, TAKEN)
+        return batch
+
+    def _fill(self, batch: list[Request], start: int, now: float) -> None:
+        head = batch[0]
+        rows = head.rows
+        finish_by = head.deadline
+        order = [start, *(i for i in range(len(self._levels)) if i != start)]
+        for i in order:
+            for r in self._levels[i].order():
+                if r is head or r.shape != head.shape:
+                    continue
+                if rows + r.rows > self.cap:
+                    return
+                by = min(finish_by, r.deadline)
+                if now + self.latency.expected(rows + r.rows) > by:
+                    return  # a bigger batch would make someone late: it leaves as it is
+                batch.append(r)
+                rows += r.rows
+                finish_by = by
+
+    def _fit_static(self, batch: list[Request]) -> None:
+        """Cut a batch to a compiled size when that beats padding it to the next one."""
+        sizes = self.static_sizes
+        rows = sum(r.rows for r in batch)
+        if rows in sizes:
+            return
+        up = next((s for s in sizes if s >= rows), None)
+        down = max((s for s in sizes if s < rows), default=None)
+        if down is None:
+            return
+        rest = next((s for s in sizes if s >= rows - down), sizes[-1])
+        cost = self.latency.compute
+        if up is not None and cost(up) <= cost(down) + cost(rest):
+            return
+        while len(batch) > 1 and sum(r.rows for r in batch) > down:
+            batch.pop()
+
+    def requeue(self, batch: list[Request]) -> None:
+        """Put back a batch that could not be handed over, ahead of everything else."""
+        for r in reversed(batch):
+            self._place(r, front=True)
+
+    def drop_all(self) -> list[Request]:
+        """Everything still queued (for shutdown)."""
+        out = [r for lv in self._levels for r in lv.order()]
+        for r in out:
+            self._leave(r, DROPPED)
+        return out
