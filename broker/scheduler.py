@@ -75,10 +75,13 @@ class LatencyModel:
         if var > 1e-9 * w * w:
             a = (w * self._xy - x * y) / var
             b = (y - a * x) / w
-            if a >= 0 and b >= 0:
-                self.a, self.b = a, b
-                return
-        # Degenerate or unphysical fit: proportional to rows through the origin.
+            if a < 0:  # noise around a flat cost
+                a, b = 0.0, y / w
+            elif b < 0:  # noise around a proportional cost
+                a, b = self._xy / self._xx, 0.0
+            self.a, self.b = a, b
+            return
+        # One batch size seen so far: assume cost proportional to rows.
         self.a, self.b = (self._xy / self._xx if self._xx else 0.0), 0.0
 
     def observe_overhead(self, seconds: float) -> None:

@@ -103,6 +103,63 @@ def slow_model(root: Path) -> None:
     _save(root / "slow", 1, graph, 'name: "slow"\nmax_batch_size: 0\n')
 
 
+def _paced_graph(size: int, matmuls: int) -> onnx.GraphProto:
+    """y = max((x broadcast to size x size)^(matmuls+1)) per row, FP32 [batch, 1]: a batched model whose
+    cost per row is fixed, so that tests can see the order in which batches ran."""
+    shape = numpy_helper.from_array(np.array([1, size, size], dtype=np.int64), "shape")
+    nodes = [helper.make_node("Unsqueeze", ["x", "one"], ["x3"]),
+             helper.make_node("Expand", ["x3", "shape"], ["m0"])]
+    for i in range(matmuls):
+        nodes.append(helper.make_node("MatMul", [f"m{i}", "m0"], [f"m{i + 1}"]))
+    nodes.append(helper.make_node("ReduceMax", [f"m{matmuls}"], ["r"], axes=[1, 2], keepdims=0))
+    nodes.append(helper.make_node("Unsqueeze", ["r", "last"], ["y"]))
+    one = numpy_helper.from_array(np.array([2], dtype=np.int64), "one")
+    last = numpy_helper.from_array(np.array([1], dtype=np.int64), "last")
+    return helper.make_graph(
+        nodes, "paced",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1])],
+        initializer=[shape, one, last],
+    )
+
+
+def scheduling_models(root: Path) -> None:
+    """Models whose config.pbtxt exercises the scheduler (see tests/test_scheduling.py)."""
+    graph = _paced_graph(512, 4)
+    _save(root / "paced", 1, graph, """name: "paced"
+max_batch_size: 1
+dynamic_batching {
+  priority_levels: 2
+  default_priority_level: 2
+  default_queue_policy { allow_timeout_override: true max_queue_size: 4 }
+}
+""")
+    _save(root / "delayed", 1, graph, """name: "delayed"
+max_batch_size: 1
+dynamic_batching {
+  default_queue_policy { timeout_action: DELAY allow_timeout_override: true }
+}
+""")
+    ident = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "ident",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])],
+    )
+    _save(root / "static", 1, ident, """name: "static"
+max_batch_size: 8
+parameters { key: "ferry.batch_sizes" value: { string_value: "1,4,8" } }
+""")
+    seq = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "seq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "n"])],
+    )
+    _save(root / "seq", 1, seq, """name: "seq"
+max_batch_size: 8
+parameters { key: "ferry.shape_buckets" value: { string_value: "x=4,8" } }
+""")
+
+
 def full_repository(root: Path) -> Path:
     write_repository(root)
     identity_model(root)
@@ -110,4 +167,5 @@ def full_repository(root: Path) -> Path:
     fragile_model(root)
     unbatched_model(root)
     slow_model(root)
+    scheduling_models(root)
     return root
