@@ -26,12 +26,13 @@ a request that could not finish even alone is rejected as soon as that is
 true (``expire``), not when its deadline passes.  A queue timeout (Triton's
 queue policy) rejects or delays a request that waited too long.
 
-When.  ``adaptive`` (window None): a batch leaves as soon as the pool has
-room, with whatever is queued (up to the size limit): nobody waits for
-nothing at low load, and under load requests gather while workers are busy,
-so batches grow with the load by themselves.  ``fixed`` (window W): as
-Triton's dynamic batcher, a partial batch waits until its oldest request has
-waited W (kept for reproducible comparisons).
+When.  ``adaptive`` (window None): a partial batch leaves as soon as the pool
+has room, unless at least one more request is expected to arrive within the
+time a batch costs now (measured arrival rate x learned batch latency); then
+it gathers for that long (``hold_for``).  So at low load nobody waits for
+nothing, and under load the wait follows what a batch really costs.
+``fixed`` (window W): as Triton's dynamic batcher, a partial batch waits
+until its oldest request has waited W (kept for reproducible comparisons).
 """
 
 from __future__ import annotations
@@ -189,6 +190,9 @@ class ModelScheduler:
         self._tokens = itertools.count()
         self.live = 0
         self.live_rows = 0
+        self._last_arrival = 0.0
+        self._burst = 0
+        self.rate = 0.0  # arrivals per second, a moving average
 
     def __len__(self) -> int:
         return self.live
@@ -197,6 +201,15 @@ class ModelScheduler:
 
     def add(self, req: Request) -> None:
         req.level = min(max(req.level, 0), len(self._levels) - 1)
+        if req.arrived > self._last_arrival:
+            # Requests arrive in reads (gateway groups, broker reads): the rate is the previous
+            # read's requests over the time between the two reads.
+            if self._burst:
+                now_rate = self._burst / (req.arrived - self._last_arrival)
+                self.rate = now_rate if self.rate == 0 else 0.9 * self.rate + 0.1 * now_rate
+            self._last_arrival = req.arrived
+            self._burst = 0
+        self._burst += 1
         self._place(req, front=False)
 
     def _place(self, req: Request, *, front: bool) -> None:
@@ -287,11 +300,12 @@ class ModelScheduler:
         """Monotonic time at which ``expire`` has something to look at (None: nothing queued)."""
         return self._checks[0][0] if self.live and self._checks else None
 
-    def window_closes(self) -> float | None:
-        """With a fixed window, when the oldest request's wait runs out (None otherwise)."""
-        if self.window_s is None or not self.live:
+    def window_closes(self, hold_s: float = 0.0) -> float | None:
+        """When the oldest request's wait runs out: the fixed window, or an adaptive hold."""
+        wait = hold_s if self.window_s is None else self.window_s
+        if not self.live or wait <= 0:
             return None
-        return self._fifo[0][1].arrived + self.window_s
+        return self._fifo[0][1].arrived + wait
 
     # --- batch formation ------------------------------------------------------------
 
@@ -300,21 +314,39 @@ class ModelScheduler:
         starving = [i for i in busy if self._levels[i].skips >= self.starvation_limit]
         return starving[0] if starving else busy[0]
 
-    def ready(self, now: float) -> bool:
-        """Whether a batch may leave now (always, when adaptive and anything is queued)."""
+    def ready(self, now: float, hold_s: float = 0.0) -> bool:
+        """Whether a batch may leave now: full, or its oldest request waited the window (or ``hold_s``)."""
         if not self.live:
             return False
-        if self.window_s is None or self.max_batch_size == 0:
+        wait = hold_s if self.window_s is None else self.window_s
+        if wait <= 0 or self.max_batch_size == 0:
             return True
-        return self.live_rows >= self._full_at or now - self._fifo[0][1].arrived >= self.window_s
+        return self.live_rows >= self._full_at or now - self._fifo[0][1].arrived >= wait
 
-    def take(self, now: float, *, drain: bool = False) -> list[Request]:
+    def hold_for(self, now: float) -> float:
+        """How long an adaptive partial batch may gather: as long as one batch costs now (compute,
+        hops and the wait behind the running batch, as learned), but only when at least one more
+        request is expected to arrive meanwhile (Nagle's rule, from the measured arrival rate), and
+        never so long that the most urgent request would have to be rejected instead."""
+        if self.window_s is not None or not self.live:
+            return 0.0
+        cost = self.latency.expected(self.live_rows)
+        if self.rate * cost < 1.0:
+            return 0.0  # fewer than one more request would arrive while waiting: nobody waits for nothing
+        hold = cost
+        urgent = self.next_check()
+        if urgent is not None:
+            hold = min(hold, max(0.0, urgent - self._fifo[0][1].arrived))
+        return hold
+
+    def take(self, now: float, *, drain: bool = False, hold_s: float = 0.0) -> list[Request]:
         """One batch to hand to the pool now ([] when nothing may leave yet).
 
-        Call ``expire(now)`` first: a batch never starts with a request that
-        cannot make its deadline.
+        ``hold_s``: in adaptive mode, let a partial batch gather this long
+        (see ``hold_for``); 0 sends it at once.  Call ``expire(now)`` first: a
+        batch never starts with a request that cannot make its deadline.
         """
-        if not (self.ready(now) or (drain and self.live)):
+        if not (self.ready(now, hold_s) or (drain and self.live)):
             return []
         start = self._start_level()
         head = next(self._levels[start].order())

@@ -12,17 +12,21 @@ Three tasks share the in-memory schedulers (one event loop, so no locks):
 * the *listener* hears workers announce finished batches (pub/sub), which
   frees room in their pool and teaches the model's latency model.
 
-A pool has room while its stream holds fewer than ``pool_depth`` batches per
-live worker (the stream's length is the pool's backlog: workers delete an
-entry once its replies are out).  Requests beyond that wait here, where they
-can still join a bigger batch, be overtaken by a higher priority, be
-cancelled, or be rejected before their deadline.
+A pool has room while fewer than ``pool_depth`` batches per live worker that
+this broker dispatched are unfinished.  They are tracked by entry id, not
+counted, because a done notice (pub/sub connection) may overtake the reply
+to the XADD that created its entry (write connection); ids are removed by
+their done notice, and while a pool has no room the broker checks every
+RESYNC_S that its unfinished entries still exist, in case a notice was lost.
+Requests beyond the room wait here, where they can still join a bigger
+batch, be overtaken by a higher priority, be cancelled, or be rejected
+before their deadline.
 
 A dispatch round goes out in one pipelined round trip: XADD of the batches,
 then per model scripts.ACK_REQUESTS for the entries that are fully handled,
-the rejections' replies, and XLEN of each pool to resync its backlog.  The
-batches are written before their requests are acknowledged, so a broker that
-dies in between leaves them pending, not lost.
+and the rejections' replies.  The batches are written before their requests
+are acknowledged, so a broker that dies in between leaves them pending, not
+lost.
 """
 
 from __future__ import annotations
@@ -58,8 +62,8 @@ log = logging.getLogger("ferry.broker")
 
 IDLE_BLOCK_MS = 200  # how often an idle reader looks at its stop flag
 TIMER_SLACK_S = 0.0005
-RESYNC_S = 0.05  # a full pool's backlog is re-read this often, in case a done notice was lost
-DISPATCH_MEMORY_S = 60.0  # dispatch times kept for latency samples, at most this long
+RESYNC_S = 0.05  # a full pool's unfinished entries are checked this often, in case a done notice was lost
+EARLY_MEMORY_S = 10.0  # done notices for entries not (yet) known here are remembered this long
 
 
 @dataclass(eq=False)
@@ -76,9 +80,24 @@ class _Model:
 class _Pool:
     name: str
     stream: str
-    backlog: int = 0  # batches in its stream (running or waiting)
     models: list[_Model] = field(default_factory=list)
     turn: int = 0  # round-robin start among its models
+    unfinished: dict[bytes, float] = field(default_factory=dict)  # entry id -> dispatch time
+    early: dict[bytes, float] = field(default_factory=dict)  # done before its XADD reply came
+    checked: float = 0.0  # when the unfinished entries were last checked
+
+    def dispatched(self, entry_id: bytes, at: float) -> None:
+        if self.early.pop(entry_id, None) is None:
+            self.unfinished[entry_id] = at
+
+    def finished(self, entry_id: bytes, at: float) -> float | None:
+        """The entry's dispatch time, if this broker dispatched it and is still waiting for it."""
+        sent = self.unfinished.pop(entry_id, None)
+        if sent is None:
+            self.early[entry_id] = at
+            if len(self.early) > 1000:
+                self.early = {k: t for k, t in self.early.items() if at - t < EARLY_MEMORY_S}
+        return sent
 
 
 class Broker:
@@ -118,7 +137,6 @@ class Broker:
             pool = self._pools.setdefault(s.pool, _Pool(s.pool, keys.pool_stream(s.pool)))
             pool.models.append(model)
         self._by_channel = {keys.done_channel(p.name): p for p in self._pools.values()}
-        self._dispatched: dict[bytes, float] = {}  # batch entry id -> monotonic dispatch time
         self._sha_push = scripts.sha(scripts.PUSH_REPLY)
         self._sha_ack = scripts.sha(scripts.ACK_REQUESTS)
         self._tasks: list[asyncio.Task[None]] = []
@@ -258,14 +276,14 @@ class Broker:
         now = time.monotonic()
         model_name, version, rows, compute_ns, ids = parse_done(data)
         pool = self._by_channel.get(channel)
-        if pool is not None:
-            pool.backlog = max(0, pool.backlog - len(ids))
+        if pool is None:
+            return
+        sent = [t for i in ids if (t := pool.finished(i, now)) is not None]
         model = self._by_key.get((model_name, version))
         if model is not None and rows > 0:
             lat = model.sched.latency
             compute = compute_ns / 1e9
             lat.observe(rows, compute)
-            sent = [self._dispatched.pop(i) for i in ids if i in self._dispatched]
             if sent:
                 lat.observe_overhead(now - min(sent) - compute)
         self._kick.set()
@@ -300,7 +318,11 @@ class Broker:
                     await asyncio.wait_for(self._kick.wait(), wait)
 
     def _room(self, pool: _Pool) -> int:
-        return max(1, self.live.pools[pool.name]) * self.settings.pool_depth - pool.backlog
+        return max(1, self.live.pools[pool.name]) * self.settings.pool_depth - len(pool.unfinished)
+
+    def _busy(self, pool: _Pool, extra: int = 0) -> bool:
+        """Every live worker has a batch: what goes out now would wait in the stream anyway."""
+        return len(pool.unfinished) + extra >= max(1, self.live.pools[pool.name])
 
     def _next_wake(self, now: float) -> float:
         wake = now + IDLE_BLOCK_MS / 1000
@@ -314,16 +336,18 @@ class Broker:
                 if check is not None:
                     wake = min(wake, check)
                 if full:
-                    wake = min(wake, now + RESYNC_S)  # waiting for room: re-read the backlog now and then
-                elif (closes := sched.window_closes()) is not None:
-                    wake = min(wake, closes)
+                    wake = min(wake, pool.checked + RESYNC_S)  # waiting for room: check for lost notices
+                else:
+                    hold = sched.hold_for(now)
+                    if (closes := sched.window_closes(hold)) is not None:
+                        wake = min(wake, closes)
         return max(0.0, wake - now)
 
     async def _dispatch(self, now: float, *, drain: bool) -> None:
         commands: list[list[bytes | str | int]] = []
         sent: list[tuple[_Model, list[Request]]] = []
         rejections: list[tuple[_Model, Rejection]] = []
-        resync: list[_Pool] = []
+        check: list[_Pool] = []
         for pool in self._pools.values():
             for model in pool.models:
                 for rej in model.sched.expire(now):
@@ -340,8 +364,9 @@ class Broker:
                 sent.append((model, batch))
                 for r in batch:
                     self._release(model, r)
-            if batches or any(m.sched.live for m in pool.models):
-                resync.append(pool)
+            if (pool.unfinished and self._room(pool) <= 0 and now - pool.checked >= RESYNC_S
+                    and any(m.sched.live for m in pool.models)):
+                check.append(pool)
         acks: list[_Model] = []
         for model in self._models.values():
             if model.done:
@@ -350,7 +375,9 @@ class Broker:
                                  count, *(e.entry_id for e in model.done)])
                 acks.append(model)
         commands += self._rejection_commands(rejections)
-        commands += [["XLEN", pool.stream] for pool in resync]
+        # Entries still in the stream are unfinished; the others' done notices were lost.
+        checked = [(pool, entry_id) for pool in check for entry_id in pool.unfinished]
+        commands += [["XRANGE", pool.stream, entry_id, entry_id] for pool, entry_id in checked]
         if not commands:
             return
         try:
@@ -369,17 +396,18 @@ class Broker:
             raise
         for model in acks:
             model.done.clear()
-        for model, _ in sent:
-            self._pools[model.pool].backlog += 1
         self.batches_sent += len(sent)
         self.rejected += len(rejections)
         sent_at = time.monotonic()
-        for _, entry_id in zip(sent, replies, strict=False):
-            self._dispatched[entry_id] = sent_at
-        for pool, length in zip(resync, replies[len(replies) - len(resync):], strict=True):
-            pool.backlog = int(length)
-        if len(self._dispatched) > 10_000:
-            self._dispatched = {k: t for k, t in self._dispatched.items() if sent_at - t < DISPATCH_MEMORY_S}
+        for (model, _), entry_id in zip(sent, replies, strict=False):
+            self._pools[model.pool].dispatched(entry_id, sent_at)
+        for pool in check:
+            pool.checked = sent_at
+        for (pool, entry_id), found in zip(checked, replies[len(replies) - len(checked):], strict=True):
+            if not found:
+                log.warning("no done notice for batch %s of pool %s; counting it as finished",
+                            entry_id.decode(), pool.name)
+                pool.unfinished.pop(entry_id, None)
 
     def _form(self, pool: _Pool, now: float, drain: bool) -> list[tuple[_Model, list[Request]]]:
         """Batches for one pool, taking turns among its models while it has room."""
@@ -390,7 +418,8 @@ class Broker:
         while room > 0 and idle < len(models):
             model = models[pool.turn % len(models)]
             pool.turn += 1
-            batch = model.sched.take(now, drain=drain)
+            hold = 0.0 if drain else model.sched.hold_for(now)
+            batch = model.sched.take(now, drain=drain, hold_s=hold)
             if batch:
                 out.append((model, batch))
                 room -= 1

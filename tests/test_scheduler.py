@@ -226,3 +226,23 @@ def test_latency_model_assumes_proportional_cost_from_one_batch_size() -> None:
     for _ in range(10):
         m.observe(4, 0.004)
     assert m.compute(8) == pytest.approx(0.008)
+
+
+def test_adaptive_hold_waits_only_when_someone_is_expected_to_join() -> None:
+    s = ModelScheduler("m", max_batch_size=32, latency=_fixed(0.0, 0.002))  # a batch costs 2 ms
+    for i in range(3):  # one request every 10 ms: 100/s, 0.2 expected per batch time
+        s.add(_request(i, 1, i * 0.010))
+    assert s.hold_for(0.02) == 0.0
+    assert s.ready(0.02, s.hold_for(0.02))
+    s = ModelScheduler("m", max_batch_size=32, latency=_fixed(0.0, 0.002))
+    for i in range(20):  # one request every 0.1 ms: 10,000/s, 20 expected per batch time
+        s.add(_request(i, 1, i * 0.0001))
+    drop = s.take(0.002)  # empty the queue, keep the learned rate
+    assert len(drop) == 20
+    s.add(_request(100, 1, 0.0021, deadline=1.0))
+    hold = s.hold_for(0.0021)
+    assert hold == pytest.approx(0.002)
+    assert not s.ready(0.0021, hold) and s.ready(0.0041 + 1e-9, hold)
+    # Never so long that the most urgent member would be rejected instead.
+    s.add(_request(101, 1, 0.0021, deadline=0.0051))
+    assert s.hold_for(0.0021) == pytest.approx(0.0051 - 0.002 - 0.0021)
