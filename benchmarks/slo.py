@@ -138,7 +138,7 @@ def server_ready(address: str, timeout_s: float) -> bool:
 
 @contextlib.contextmanager
 def ferry_cluster(env_extra: dict[str, str], workers: int, log_path: Path,
-                  ready_timeout_s: float = 90.0) -> Iterator[str]:
+                  ready_timeout_s: float = 90.0, hidden: int = 1024) -> Iterator[str]:
     """``ferry up`` with the example model and ``env_extra``; yields the gateway address.
 
     Stops it with SIGTERM (gateway, broker, workers and Redis stop in turn) and waits,
@@ -148,7 +148,8 @@ def ferry_cluster(env_extra: dict[str, str], workers: int, log_path: Path,
     repo = Path(tempfile.mkdtemp(prefix="ferry-slo-models-"))
     # The same console script as .venv/bin/ferry, but the ferry package of this checkout.
     ferry = [sys.executable, "-m", "ferry.cli"]
-    subprocess.run([*ferry, "example-model", str(repo)], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([*ferry, "example-model", str(repo), "--hidden", str(hidden)], cwd=ROOT, check=True,
+                   stdout=subprocess.DEVNULL)
     env = {k: v for k, v in os.environ.items() if not k.startswith("FERRY_") and k != "REDIS_URL"} | env_extra
     address = f"127.0.0.1:{port}"
     with open(log_path, "wb") as log:

@@ -122,6 +122,7 @@ class Request:
     payload: bytes = b""
     state: int = QUEUED
     delayed: bool = False
+    doomed: float = 0.0  # > 0: the queue ahead needs this long, past its deadline: reject at once
     token: int = 0  # changes whenever it is (re)placed: older copies in deques and heaps are stale
 
 
@@ -193,13 +194,18 @@ class ModelScheduler:
         self._last_arrival = 0.0
         self._burst = 0
         self.rate = 0.0  # arrivals per second, a moving average
+        self.drain_rate = 0.0  # rows finished per second, a moving average
+        self._last_done = 0.0
+        self._done_rows = 0.0
+        self._done_gap = 0.0
 
     def __len__(self) -> int:
         return self.live
 
     # --- arrivals, cancellations, expiry -------------------------------------------
 
-    def add(self, req: Request) -> None:
+    def add(self, req: Request, ahead_rows: int = 0) -> None:
+        """Queue a request; ``ahead_rows``: rows already handed to the pool that it also waits behind."""
         req.level = min(max(req.level, 0), len(self._levels) - 1)
         if req.arrived > self._last_arrival:
             # Requests arrive in reads (gateway groups, broker reads): the rate is the previous
@@ -210,7 +216,32 @@ class ModelScheduler:
             self._last_arrival = req.arrived
             self._burst = 0
         self._burst += 1
+        ahead = self.live_rows + ahead_rows
+        speed = self.speed()
+        if speed > 0 and ahead:
+            # Admission: the rows ahead of it drain at the model's speed; if that wait alone
+            # makes it late, say so now rather than at its deadline.
+            wait = ahead / speed
+            if req.arrived + wait + self.latency.expected(req.rows) >= req.deadline:
+                req.doomed = wait
         self._place(req, front=False)
+
+    def speed(self) -> float:
+        """Rows per second the pool gets through: as measured when it is saturated, and at least what
+        one worker computes (below saturation the measured rate is only the arrival rate)."""
+        cap = max(1, self.cap)
+        one_worker = cap / self.latency.compute(cap) if self.latency.compute(cap) > 0 else 0.0
+        return max(self.drain_rate, one_worker)
+
+    def observe_done(self, rows: int, now: float) -> None:
+        """A batch of this model finished: track how fast queued rows drain."""
+        if self._last_done:
+            gap = now - self._last_done
+            if gap > 0:
+                self._done_rows = 0.9 * self._done_rows + 0.1 * rows if self._done_gap else rows
+                self._done_gap = 0.9 * self._done_gap + 0.1 * gap if self._done_gap else gap
+                self.drain_rate = self._done_rows / self._done_gap
+        self._last_done = now
 
     def _place(self, req: Request, *, front: bool) -> None:
         req.token = next(self._tokens)
@@ -239,6 +270,8 @@ class ModelScheduler:
         return req
 
     def _check_time(self, req: Request) -> float:
+        if req.doomed:
+            return req.arrived
         when = req.deadline - self.latency.expected(req.rows)
         return when if req.delayed else min(when, req.timeout_at)
 
@@ -273,7 +306,13 @@ class ModelScheduler:
             if req.state != QUEUED or req.token != token:
                 continue
             need = self.latency.expected(req.rows)
-            if now + need >= req.deadline:
+            if req.doomed:
+                out.append(Rejection(req, (
+                    f"{self.label}: request cannot finish before its deadline: the requests queued ahead of "
+                    f"it need about {req.doomed * 1000:.1f} ms ({(req.deadline - now) * 1000:.1f} ms left); "
+                    "retry later or elsewhere, or add workers to this model's pool")))
+                self._leave(req, DROPPED)
+            elif now + need >= req.deadline:
                 left = max(0.0, req.deadline - now) * 1000
                 out.append(Rejection(req, (
                     f"{self.label}: request cannot finish before its deadline ({left:.1f} ms left, "

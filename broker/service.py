@@ -82,13 +82,18 @@ class _Pool:
     stream: str
     models: list[_Model] = field(default_factory=list)
     turn: int = 0  # round-robin start among its models
-    unfinished: dict[bytes, float] = field(default_factory=dict)  # entry id -> dispatch time
+    unfinished: dict[bytes, tuple[float, int]] = field(default_factory=dict)  # entry id -> (dispatch time, rows)
     early: dict[bytes, float] = field(default_factory=dict)  # done before its XADD reply came
     checked: float = 0.0  # when the unfinished entries were last checked
 
-    def dispatched(self, entry_id: bytes, at: float) -> None:
+    def dispatched(self, entry_id: bytes, at: float, rows: int) -> None:
         if self.early.pop(entry_id, None) is None:
-            self.unfinished[entry_id] = at
+            self.unfinished[entry_id] = (at, rows)
+
+    @property
+    def rows_ahead(self) -> int:
+        """Rows this broker handed to the pool that are not finished: queued work a new request waits behind."""
+        return sum(rows for _, rows in self.unfinished.values())
 
     def finished(self, entry_id: bytes, at: float) -> float | None:
         """The entry's dispatch time, if this broker dispatched it and is still waiting for it."""
@@ -97,7 +102,8 @@ class _Pool:
             self.early[entry_id] = at
             if len(self.early) > 1000:
                 self.early = {k: t for k, t in self.early.items() if at - t < EARLY_MEMORY_S}
-        return sent
+            return None
+        return sent[0]
 
 
 class Broker:
@@ -216,6 +222,7 @@ class Broker:
         for stream, entries in resp:
             model = self._models[stream]
             levels = max(1, model.mv.settings.priority_levels)
+            ahead = self._pools[model.pool].rows_ahead
             for entry_id, fields in entries:
                 cancel = parse_cancel(fields)
                 if cancel is not None:
@@ -238,7 +245,7 @@ class Broker:
                         deadline=now + (deadline_ns - wall) / 1e9 if deadline_ns else math.inf,
                         timeout_at=now + (timeout_ns - wall) / 1e9 if timeout_ns else math.inf,
                         level=min(g.level, levels - 1), shape=g.shape, payload=g.payloads[i],
-                    ))
+                    ), ahead_rows=ahead)
 
     @staticmethod
     def _release(model: _Model, req: Request) -> None:
@@ -281,6 +288,7 @@ class Broker:
         sent = [t for i in ids if (t := pool.finished(i, now)) is not None]
         model = self._by_key.get((model_name, version))
         if model is not None and rows > 0:
+            model.sched.observe_done(rows, now)
             lat = model.sched.latency
             compute = compute_ns / 1e9
             lat.observe(rows, compute)
@@ -399,8 +407,8 @@ class Broker:
         self.batches_sent += len(sent)
         self.rejected += len(rejections)
         sent_at = time.monotonic()
-        for (model, _), entry_id in zip(sent, replies, strict=False):
-            self._pools[model.pool].dispatched(entry_id, sent_at)
+        for (model, batch), entry_id in zip(sent, replies, strict=False):
+            self._pools[model.pool].dispatched(entry_id, sent_at, sum(r.rows for r in batch))
         for pool in check:
             pool.checked = sent_at
         for (pool, entry_id), found in zip(checked, replies[len(replies) - len(checked):], strict=True):

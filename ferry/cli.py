@@ -122,6 +122,9 @@ def parser() -> argparse.ArgumentParser:
     inf.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds")
     ex = sub.add_parser("example-model", help="write the bundled example model repository to a folder")
     ex.add_argument("path", type=Path)
+    ex.add_argument("--hidden", type=int, default=1024,
+                    help="width of the two hidden layers (default 1024; 4096 makes the model, not the "
+                    "gateway, the bottleneck of a small machine, for overload benchmarks)")
     return p
 
 
@@ -143,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         elif ns.command == "example-model":
             from ferry.example_model import write_repository
 
-            print(write_repository(ns.path))
+            print(write_repository(ns.path, hidden=ns.hidden))
     except ConfigError as exc:
         print(f"ferry {ns.command}: error: {exc.message}", file=sys.stderr)
         return 2

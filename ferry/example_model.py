@@ -26,18 +26,19 @@ instance_group [ {{ kind: KIND_CPU count: 1 }} ]
 """
 
 
-def build_onnx(seed: int = 0) -> bytes:
+def build_onnx(seed: int = 0, hidden: int = LAYERS[1]) -> bytes:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
     nodes, inits = [], []
     prev = INPUT
-    for i, (n_in, n_out) in enumerate(itertools.pairwise(LAYERS)):
+    layers = (LAYERS[0], hidden, hidden, LAYERS[-1])
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(layers)):
         w = (rng.standard_normal((n_in, n_out)) / np.sqrt(n_in)).astype(np.float32)
         b = (rng.standard_normal(n_out) * 0.01).astype(np.float32)
         inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
-        last = i == len(LAYERS) - 2
+        last = i == len(layers) - 2
         mm, out = f"mm{i}", OUTPUT if last else f"h{i}"
         nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [mm]))
         if last:
@@ -58,12 +59,15 @@ def build_onnx(seed: int = 0) -> bytes:
     return bytes(model.SerializeToString())
 
 
-def write_repository(root: Path) -> Path:
-    """Write ``<root>/mlp/{config.pbtxt,1/model.onnx}`` (idempotent); return ``root``."""
+def write_repository(root: Path, hidden: int = LAYERS[1]) -> Path:
+    """Write ``<root>/mlp/{config.pbtxt,1/model.onnx}`` (idempotent); return ``root``.
+
+    ``hidden`` widens the hidden layers (same inputs and outputs), for benchmarks that need the
+    model rather than the RPC path to be the bottleneck."""
     model_dir = root / EXAMPLE_MODEL
     (model_dir / "1").mkdir(parents=True, exist_ok=True)
     onnx_path = model_dir / "1" / "model.onnx"
-    data = build_onnx()
+    data = build_onnx(hidden=hidden)
     if not onnx_path.exists() or onnx_path.read_bytes() != data:
         onnx_path.write_bytes(data)
     (model_dir / "config.pbtxt").write_text(CONFIG)

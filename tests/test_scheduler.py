@@ -84,7 +84,8 @@ def test_every_rule_holds_over_random_histories(ops: list[Op], max_batch: int, d
             r = rej.request
             assert r.corr not in fate
             # Rejected only when it really could not make it (or timed out under REJECT).
-            assert now + latency.expected(r.rows) >= r.deadline or (not delay and r.timeout_at <= now)
+            assert (now + latency.expected(r.rows) >= r.deadline or (not delay and r.timeout_at <= now)
+                    or r.doomed > 0)
             fate[r.corr] = "rejected"
         # After expire, every queued request can still finish alone in time.
         for r in reqs:
@@ -246,3 +247,27 @@ def test_adaptive_hold_waits_only_when_someone_is_expected_to_join() -> None:
     # Never so long that the most urgent member would be rejected instead.
     s.add(_request(101, 1, 0.0021, deadline=0.0051))
     assert s.hold_for(0.0021) == pytest.approx(0.0051 - 0.002 - 0.0021)
+
+
+def test_a_request_behind_a_queue_it_cannot_outwait_is_rejected_on_arrival() -> None:
+    s = ModelScheduler("m", max_batch_size=4, latency=_fixed(0.0025, 0.0))  # 4 rows in 10 ms
+    for t in range(1, 11):  # and it drains 4 rows every 10 ms: 400 rows/s
+        s.observe_done(4, t * 0.010)
+    for i in range(40):  # 40 rows queued: about 100 ms of work
+        s.add(_request(i, 1, 0.1))
+    s.add(_request(40, 1, 0.1, deadline=0.15))  # 50 ms to live: cannot outwait the queue
+    s.add(_request(41, 1, 0.1, deadline=0.5))  # 400 ms: can
+    (rej,) = s.expire(0.1)
+    assert rej.request.corr == 40 and "queued ahead" in rej.message
+    assert len(s) == 41
+
+
+def test_below_saturation_the_models_own_speed_bounds_the_wait() -> None:
+    # Done notices 100 ms apart say 10 rows/s, but that is the arrival rate: the model computes
+    # 1,000 rows/s, so a short deadline behind one queued row is still admitted.
+    s = ModelScheduler("m", max_batch_size=4, latency=_fixed(0.001, 0.0))
+    for t in range(1, 6):
+        s.observe_done(1, t * 0.1)
+    s.add(_request(0, 1, 0.5))
+    s.add(_request(1, 1, 0.5, deadline=0.51))
+    assert s.expire(0.5) == []
