@@ -74,7 +74,7 @@ class GatewaySettings(CommonSettings):
         "(each model's queue has its own bound: max_queue_size in config.pbtxt)"
     )
     flush_interval_us: int = knob(
-        2000, "under load (4 or more requests per round trip), send queued requests to Redis at most once "
+        2000, "under load (2 or more requests per round trip), send queued requests to Redis at most once "
         "per this many microseconds "
         "(0: send as soon as possible); bigger groups cost less CPU per request, at up to this much latency"
     )
