@@ -27,9 +27,9 @@ true (``expire``), not when its deadline passes.  A queue timeout (Triton's
 queue policy) rejects or delays a request that waited too long.
 
 When.  ``adaptive`` (window None): a partial batch leaves as soon as the pool
-has room, unless at least one more request is expected to arrive within the
-time a batch costs now (measured arrival rate x learned batch latency); then
-it gathers for that long (``hold_for``).  So at low load nobody waits for
+has room, unless every worker is busy and at least one more request is
+expected to arrive within the time a batch costs now (measured arrival rate
+x learned batch latency); then it gathers for that long (``hold_for``).  So at low load nobody waits for
 nothing, and under load the wait follows what a batch really costs.
 ``fixed`` (window W): as Triton's dynamic batcher, a partial batch waits
 until its oldest request has waited W (kept for reproducible comparisons).

@@ -346,7 +346,7 @@ class Broker:
                 if full:
                     wake = min(wake, pool.checked + RESYNC_S)  # waiting for room: check for lost notices
                 else:
-                    hold = sched.hold_for(now)
+                    hold = sched.hold_for(now) if self._busy(pool) else 0.0
                     if (closes := sched.window_closes(hold)) is not None:
                         wake = min(wake, closes)
         return max(0.0, wake - now)
@@ -426,7 +426,8 @@ class Broker:
         while room > 0 and idle < len(models):
             model = models[pool.turn % len(models)]
             pool.turn += 1
-            hold = 0.0 if drain else model.sched.hold_for(now)
+            # A batch never waits while a worker is idle; while all are busy it may gather (adaptive).
+            hold = 0.0 if drain or not self._busy(pool, len(out)) else model.sched.hold_for(now)
             batch = model.sched.take(now, drain=drain, hold_s=hold)
             if batch:
                 out.append((model, batch))
