@@ -34,7 +34,7 @@ class LiveWorkers:
         self.on_refresh: Callable[[Counter[tuple[str, int]]], Awaitable[None]] | None = None
         self._served: Counter[tuple[str, int]] = Counter()
         self.pools: Counter[str] = Counter()  # live workers per pool
-        self._error: FerryError | None = Unavailable("the gateway has not read the worker registry yet")
+        self._error: FerryError | None = Unavailable("the worker registry has not been read yet")
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 

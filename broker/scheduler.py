@@ -441,10 +441,3 @@ class ModelScheduler:
         """Put back a batch that could not be handed over, ahead of everything else."""
         for r in reversed(batch):
             self._place(r, front=True)
-
-    def drop_all(self) -> list[Request]:
-        """Everything still queued (for shutdown)."""
-        out = [r for lv in self._levels for r in lv.order()]
-        for r in out:
-            self._leave(r, DROPPED)
-        return out

@@ -6,7 +6,11 @@ Each script touches keys of one hash tag only, so it also runs on Redis Cluster.
 from __future__ import annotations
 
 import hashlib
+from collections import defaultdict
+from collections.abc import Iterable
 from typing import Any
+
+from broker import keys
 
 
 def sha(script: str) -> str:
@@ -60,6 +64,18 @@ return left
 """
 
 ALL = (PUSH_REPLY, ENQUEUE, ACK_REQUESTS)
+PUSH_REPLY_SHA = sha(PUSH_REPLY)
+
+
+def push_reply_commands(replies: Iterable[tuple[str, bytes]]) -> list[list[bytes | str | int]]:
+    """One PUSH_REPLY call per gateway, carrying the bundle of its encoded replies (gateway id, reply)."""
+    by_gateway: dict[str, list[bytes]] = defaultdict(list)
+    for gateway, reply in replies:
+        by_gateway[gateway].append(reply)
+    return [
+        ["EVALSHA", PUSH_REPLY_SHA, 2, keys.gateway_alive(gw), keys.reply_list(gw), keys.REPLY_TTL_MS, b"".join(bundle)]
+        for gw, bundle in by_gateway.items()
+    ]
 
 
 async def load_all(client: Any) -> None:

@@ -143,7 +143,6 @@ class Broker:
             pool = self._pools.setdefault(s.pool, _Pool(s.pool, keys.pool_stream(s.pool)))
             pool.models.append(model)
         self._by_channel = {keys.done_channel(p.name): p for p in self._pools.values()}
-        self._sha_push = scripts.sha(scripts.PUSH_REPLY)
         self._sha_ack = scripts.sha(scripts.ACK_REQUESTS)
         self._tasks: list[asyncio.Task[None]] = []
         self.batches_sent = 0
@@ -440,20 +439,16 @@ class Broker:
     def _rejection_commands(self, rejections: list[tuple[_Model, Rejection]]) -> list[list[bytes | str | int]]:
         if not rejections:
             return []
-        by_gateway: dict[str, list[bytes]] = defaultdict(list)
         fails: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         wall = time.time_ns()
         for model, rej in rejections:
-            r = rej.request
-            by_gateway[r.gateway].append(encode_reply(r.corr, Code.DEADLINE_EXCEEDED, rej.message.encode()))
             f = fails[keys.stats_hash(model.mv.name, model.mv.version)]
             f[0] += 1
-            f[1] += max(0, wall - r.enqueued_ns)
-        commands: list[list[bytes | str | int]] = [
-            ["EVALSHA", self._sha_push, 2, keys.gateway_alive(gw), keys.reply_list(gw), keys.REPLY_TTL_MS,
-             b"".join(replies)]
-            for gw, replies in by_gateway.items()
-        ]
+            f[1] += max(0, wall - rej.request.enqueued_ns)
+        commands = scripts.push_reply_commands(
+            (rej.request.gateway, encode_reply(rej.request.corr, Code.DEADLINE_EXCEEDED, rej.message.encode()))
+            for _, rej in rejections
+        )
         for key, (count, ns) in fails.items():
             commands += [["HINCRBY", key, Stat.FAIL_COUNT, count], ["HINCRBY", key, Stat.FAIL_NS, ns]]
         return commands

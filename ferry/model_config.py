@@ -98,6 +98,15 @@ class ModelSettings:
     shape_buckets: tuple[tuple[str, tuple[int, ...]], ...]  # ferry.shape_buckets: (input, sorted sizes), by name
 
 
+def bucket_dims(dims: tuple[int, ...], spec_dims: tuple[int, ...], buckets: tuple[int, ...]) -> tuple[int, ...]:
+    """``dims`` with each variable (-1 in ``spec_dims``) one rounded up to the smallest bucket that
+    holds it; one beyond the largest bucket stays as it is (the gateway rejects those)."""
+    return tuple(
+        next((b for b in buckets if b >= d), d) if want == -1 else d
+        for d, want in zip(dims, spec_dims, strict=True)
+    )
+
+
 def _fail(path: Path, field: str, why: str) -> ConfigError:
     return ConfigError(f"{path}: {field}: {why}")
 

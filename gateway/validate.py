@@ -22,7 +22,7 @@ from typing import Any
 
 from ferry import datatypes
 from ferry.errors import InvalidArgument
-from ferry.model_config import TensorSpec
+from ferry.model_config import TensorSpec, bucket_dims
 from ferry.repository import ModelVersion
 
 # Largest element count of one tensor; far above any real model's, low enough
@@ -108,8 +108,7 @@ class RequestValidator:
                             f"input {spec.name!r}: dimension {d} is larger than the largest shape bucket "
                             f"{buckets[-1]} of {self.label} (ferry.shape_buckets)"
                         )
-                dims = [next(b for b in buckets if b >= d) if want == -1 else d
-                        for d, want in zip(dims, spec.dims, strict=True)]
+                dims = list(bucket_dims(tuple(dims), spec.dims, buckets))
             parts.append(f"{spec.name}:{','.join(map(str, dims))}")
         return ";".join(parts)
 

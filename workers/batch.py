@@ -29,6 +29,7 @@ import numpy as np
 from broker.messages import Member, Stat, encode_reply
 from ferry import datatypes
 from ferry.errors import Code, FerryError, Internal
+from ferry.model_config import bucket_dims
 from ferry.repository import ModelVersion
 from workers.codec import Decoded, ResponseEncoder, decode, input_array, join_inputs
 from workers.runtime import Runtime
@@ -47,14 +48,6 @@ def _fail(result: BatchResult, m: Member, code: int, message: str, now_ns: int) 
     result.replies.append((m.gateway, encode_reply(m.corr, code, message.encode())))
     result.stats[Stat.FAIL_COUNT] += 1
     result.stats[Stat.FAIL_NS] += max(0, now_ns - m.enqueued_ns)
-
-
-def bucket_dims(dims: tuple[int, ...], spec_dims: tuple[int, ...], buckets: tuple[int, ...]) -> tuple[int, ...]:
-    """Variable dims rounded up to their bucket (the gateway rejected anything over the largest)."""
-    return tuple(
-        next((b for b in buckets if b >= d), d) if want == -1 else d
-        for d, want in zip(dims, spec_dims, strict=True)
-    )
 
 
 class BatchRunner:

@@ -67,7 +67,6 @@ class Worker:
         self.redis = connect(settings.redis_url, settings.redis_timeout_s)
         self._reads = RespClient(settings.redis_url, settings.redis_timeout_s + READ_BLOCK_MS / 1000)
         self._writes = RespClient(settings.redis_url, settings.redis_timeout_s)
-        self._push_reply_sha = scripts.sha(scripts.PUSH_REPLY)
         self._stopping = asyncio.Event()
         self._carry: list[_Claimed] = []
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="ferry-compute")
@@ -82,7 +81,7 @@ class Worker:
         self._stopping.set()
 
     async def run(self) -> None:
-        await self.redis.script_load(scripts.PUSH_REPLY)
+        await scripts.load_all(self._writes)
         await ensure_group(self.redis, self.stream, keys.WORKER_GROUP)
         heartbeat = asyncio.create_task(self._heartbeat(), name="heartbeat")
         writer = asyncio.create_task(self._writer(), name="writer")
@@ -171,25 +170,17 @@ class Worker:
         self.batches_run += 1
         self._add_stats((first.model, first.version), result.stats)
         commands = self._reply_commands(ids, result)
-        if result.rows_run:
-            notice = done_notice(first.model, first.version, result.rows_run, time.perf_counter_ns() - started, ids)
-        else:
-            notice = done_notice(first.model, first.version, 0, 0, ids)  # frees room; nothing to learn
-        commands.append(["PUBLISH", self.done_channel, notice])
+        # Rows 0 (nothing ran): the notice only frees room in the pool; the broker learns nothing from it.
+        took = time.perf_counter_ns() - started if result.rows_run else 0
+        commands.append(["PUBLISH", self.done_channel, done_notice(first.model, first.version, result.rows_run,
+                                                                   took, ids)])
         # Replies hit the socket now, before the next read; the writer only waits for
         # Redis to confirm them (and retries if it did not).
         await self._outbox.put((commands, self._writes.send_now(commands)))
 
     def _reply_commands(self, ids: list[bytes], result: BatchResult) -> list[list[bytes | str | int]]:
         """Replies first (one bundle per gateway), then the acknowledgement of the batch entries."""
-        by_gateway: dict[str, list[bytes]] = defaultdict(list)
-        for gateway, reply in result.replies:
-            by_gateway[gateway].append(reply)
-        commands: list[list[bytes | str | int]] = [
-            ["EVALSHA", self._push_reply_sha, 2, keys.gateway_alive(gateway), keys.reply_list(gateway),
-             keys.REPLY_TTL_MS, b"".join(replies)]
-            for gateway, replies in by_gateway.items()
-        ]
+        commands = scripts.push_reply_commands(result.replies)
         commands += [["XACK", self.stream, keys.WORKER_GROUP, *ids], ["XDEL", self.stream, *ids]]
         return commands
 
@@ -209,7 +200,7 @@ class Worker:
                         if "NOSCRIPT" not in str(exc):
                             raise
                         # Redis restarted (or flushed its scripts) since we loaded it.
-                        await self._writes.call("SCRIPT", "LOAD", scripts.PUSH_REPLY)
+                        await scripts.load_all(self._writes)
                     except REDIS_DOWN as exc:
                         # The batch stays pending until its replies are written: retry, never drop.
                         log.warning("redis unreachable writing replies (%s); retrying", exc)
