@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import queue
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -156,19 +158,22 @@ def test_concurrent_requests_form_batches(cluster: Cluster, repo: Path) -> None:
     sess = ort.InferenceSession(str(repo / "mlp" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
     for x, got in zip(xs, outs, strict=True):
         assert got.tobytes() == sess.run(None, {"INPUT0": x})[0].tobytes()
-    # Statistics reach Redis on a short timer: wait for them to include this test's requests.
-    want = int(before.get("inference_count", 0)) + 96
-    stats = before
-    for _ in range(100):
-        stats = c.get_inference_statistics("mlp", as_json=True)["model_stats"][0]
-        if int(stats.get("inference_count", 0)) >= want:
-            break
-        import time
+    # Each worker flushes its statistics to Redis on its own short timer, so wait on this
+    # test's own request count: inference_count alone can reach the mark early when earlier
+    # multi-row requests padded it while one worker's share of these requests is unflushed.
+    def success(s: dict[str, Any]) -> int:
+        return int(s.get("inference_stats", {}).get("success", {}).get("count", 0))
 
+    want = success(before) + 96
+    stats = before
+    deadline = time.monotonic() + 10
+    while success(stats) < want:
+        assert time.monotonic() < deadline, f"success count stayed at {success(stats)} (want {want})"
         time.sleep(0.05)
-    assert int(stats["inference_count"]) >= want
+        stats = c.get_inference_statistics("mlp", as_json=True)["model_stats"][0]
+    assert int(stats["inference_count"]) >= int(before.get("inference_count", 0)) + 96
     sizes = {int(b["batch_size"]) for b in stats["batch_stats"]}
     assert max(sizes) > 1, f"no batch bigger than 1 formed: {sorted(sizes)}"
     assert int(stats["execution_count"]) < int(stats["inference_count"])
     inf = stats["inference_stats"]
-    assert int(inf["success"]["count"]) >= 96 and int(inf["compute_infer"]["ns"]) > 0
+    assert int(inf["compute_infer"]["ns"]) > 0
