@@ -28,5 +28,6 @@ def test_perf_analyzer_sweep(cluster: Cluster, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = csv.read_text().strip().splitlines()
     assert rows[0].startswith("Concurrency,Inferences/Second")
-    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3"]
+    # perf_analyzer sorts the rows by throughput, which on a loaded machine need not follow concurrency.
+    assert sorted(r.split(",")[0] for r in rows[1:]) == ["1", "2", "3"]
     assert all(float(r.split(",")[1]) > 0 for r in rows[1:])
