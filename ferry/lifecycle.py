@@ -44,11 +44,19 @@ def setup_logging(level: str, as_json: bool) -> None:
     root.setLevel(level.upper())
 
 
+def _dump_tasks() -> None:
+    for task in asyncio.all_tasks():
+        print(f"--- task {task.get_name()}", file=sys.stderr)
+        task.print_stack(file=sys.stderr)
+    sys.stderr.flush()
+
+
 def run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
     """Run ``main(stop)`` on the fastest available loop; ``stop`` is set by the first signal."""
 
-    # `kill -USR1 <pid>` prints every thread's stack to stderr: how to see where a
-    # process that will not stop is stuck.
+    # `kill -USR1 <pid>` prints every thread's stack to stderr, and `kill -USR2 <pid>`
+    # every asyncio task's: how to see where a process that will not stop is stuck
+    # (USR1 for a blocked loop, USR2 for a task awaiting something that never comes).
     faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     async def runner() -> None:
@@ -68,6 +76,7 @@ def run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal, sig)
+        loop.add_signal_handler(signal.SIGUSR2, _dump_tasks)
         await main(stop)
 
     try:

@@ -89,8 +89,11 @@ class Cluster:
                 try:
                     codes.append(p.wait(timeout_s))
                 except subprocess.TimeoutExpired:
-                    p.send_signal(signal.SIGUSR1)  # stacks into its log, for the failure message
-                    time.sleep(1)
+                    # Thread and task stacks into its log, for the failure message.
+                    p.send_signal(signal.SIGUSR2)
+                    time.sleep(0.5)
+                    p.send_signal(signal.SIGUSR1)
+                    time.sleep(0.5)
                     p.kill()
                     codes.append(p.wait())
         return codes
