@@ -415,6 +415,8 @@ def main() -> None:
                     help="after the load, wait this long past the deadline for answers (default 5)")
     ap.add_argument("--pause-s", type=float, default=5.0, help="pause between rates (default 5)")
     ap.add_argument("--workers", type=int, default=1, help="Ferry CPU workers (default 1)")
+    ap.add_argument("--set", action="append", default=[], metavar="FERRY_KNOB=VALUE",
+                    help="an extra setting for the cluster (repeatable), e.g. FERRY_NICE=0")
     ap.add_argument("--hidden", type=int, default=4096,
                     help="hidden width of the example MLP (default 4096: the worker, not the gateway, is the "
                     "bottleneck, as in a deployment where the gateway has cores of its own; 1024 is the "
@@ -425,7 +427,7 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true", help="print the markdown, write nothing")
     args = ap.parse_args()
     args.argv = sys.argv[1:]
-    env = mode_env(args.mode, args.fixed_delay_us)
+    env = mode_env(args.mode, args.fixed_delay_us) | dict(kv.split("=", 1) for kv in args.set)
     check_modes_supported({args.mode: env})
     install_sigterm_handler()
     pa = perf_analyzer() if args.rates is None and args.capacity is None else None

@@ -219,6 +219,7 @@ class Point:
     achieved: float = math.nan
     p50_ms: float = math.nan
     p99_ms: float = math.nan
+    batch: float = math.nan  # mean batch size over the run, from the model's statistics
     error: str = ""
     note: str = ""
 
@@ -230,7 +231,30 @@ class Point:
         return self.keeps_up and self.p99_ms <= slo_ms
 
 
+def batch_counts(url: str) -> tuple[int, int]:
+    """(inference_count, execution_count) of the example model: their ratio is the mean batch size."""
+    import tritonclient.grpc as tc
+
+    try:
+        stats = tc.InferenceServerClient(url).get_inference_statistics(EXAMPLE_MODEL, as_json=True)
+        s = stats["model_stats"][0]
+        return int(s.get("inference_count", 0)), int(s.get("execution_count", 0))
+    except Exception:
+        return 0, 0
+
+
 def run_rate(pa: str, url: str, rate: float, args: argparse.Namespace, interval_ms: int) -> Point:
+    inferences, executions = batch_counts(url)
+    point = _run_rate(pa, url, rate, args, interval_ms)
+    # Workers write statistics to Redis every 0.1 s: wait that out before reading them.
+    time.sleep(0.3)
+    after_i, after_e = batch_counts(url)
+    if after_e > executions:
+        point.batch = (after_i - inferences) / (after_e - executions)
+    return point
+
+
+def _run_rate(pa: str, url: str, rate: float, args: argparse.Namespace, interval_ms: int) -> Point:
     with tempfile.TemporaryDirectory(prefix="ferry-slo-pa-") as tmp:
         out = Path(tmp) / "pa.csv"
         cmd = [pa, "-m", EXAMPLE_MODEL, "-u", url, "-i", "grpc", "-b", "1", "--async", "--shared-memory", "none",
@@ -266,7 +290,7 @@ def sweep(pa: str, url: str, rates: list[float], args: argparse.Namespace, label
         points.append(p)
         state = "" if p.keeps_up else "  <- below offered" if not p.error else f"  <- {p.error}"
         print(f"  {label:>10} offered {rate:7.0f}/s achieved {p.achieved:7.0f}/s p50 {p.p50_ms:7.2f} ms "
-              f"p99 {p.p99_ms:8.2f} ms{state}", flush=True)
+              f"p99 {p.p99_ms:8.2f} ms batch {p.batch:5.2f}{state}", flush=True)
         behind = 0 if p.keeps_up else behind + 1
         time.sleep(args.pause_s)  # let a backlog drain before the next rate
     return points
@@ -286,6 +310,7 @@ def median_points(runs: list[list[Point]]) -> list[Point]:
         out.append(Point(same[0].offered, achieved=statistics.median(p.achieved for p in ok),
                          p50_ms=statistics.median(p.p50_ms for p in ok),
                          p99_ms=statistics.median(p.p99_ms for p in ok),
+                         batch=statistics.median(p.batch for p in ok),
                          error=note if failed * 2 > len(same) else "", note=note))
     return out
 
@@ -326,8 +351,8 @@ def markdown(results: dict[str, list[Point]], args: argparse.Namespace, envs: di
     if plot_rel:
         lines += ["", f"![p99 latency against achieved throughput]({plot_rel})"]
     for mode, pts in results.items():
-        lines += ["", f"**{mode}**", "", "| offered /s | achieved /s | p50 ms | p99 ms | note |",
-                  "|---:|---:|---:|---:|---|"]
+        lines += ["", f"**{mode}**", "", "| offered /s | achieved /s | p50 ms | p99 ms | mean batch | note |",
+                  "|---:|---:|---:|---:|---:|---|"]
         for p in pts:
             if p.error.startswith("not run"):
                 continue
@@ -337,7 +362,7 @@ def markdown(results: dict[str, list[Point]], args: argparse.Namespace, envs: di
             if p.note and p.note not in note:
                 note += f"; {p.note}"
             lines.append(f"| {p.offered:.0f} | {fmt(p.achieved, '.0f')} | {fmt(p.p50_ms, '.2f')} "
-                         f"| {fmt(p.p99_ms, '.2f')} | {note} |")
+                         f"| {fmt(p.p99_ms, '.2f')} | {fmt(p.batch, '.1f')} | {note} |")
     return "\n".join(lines) + "\n"
 
 

@@ -26,11 +26,13 @@ a request that could not finish even alone is rejected as soon as that is
 true (``expire``), not when its deadline passes.  A queue timeout (Triton's
 queue policy) rejects or delays a request that waited too long.
 
-When.  ``adaptive`` (window None): a partial batch leaves as soon as the pool
-has room, unless every worker is busy and at least one more request is
-expected to arrive within the time a batch costs now (measured arrival rate
-x learned batch latency); then it gathers for that long (``hold_for``).  So at low load nobody waits for
-nothing, and under load the wait follows what a batch really costs.
+When.  ``adaptive`` (window None): a batch goes out just in time for a
+worker to take it.  The broker knows what it handed the pool and how long each
+batch should compute; a partial batch leaves at once while a worker is idle,
+and otherwise gathers until the first worker is expected to be free, less the
+hop to reach it (``hold_for``).  Holding then costs nobody anything (the batch
+could not start earlier) and everything that arrives meanwhile rides along:
+at low load nobody waits, and under load batches grow with the load.
 ``fixed`` (window W): as Triton's dynamic batcher, a partial batch waits
 until its oldest request has waited W (kept for reproducible comparisons).
 """
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -96,6 +99,10 @@ class LatencyModel:
 
 
 QUEUED, TAKEN, DROPPED = 0, 1, 2
+
+# An adaptive batch waits its gather window for an idle worker only when at least this many
+# more requests are expected within it: at lower rates nobody waits for nothing.
+GATHER_ARRIVALS = 2.0
 
 
 @dataclass(slots=True, eq=False)
@@ -170,6 +177,7 @@ class ModelScheduler:
         levels: int = 1,
         delay_on_timeout: bool = False,
         window_s: float | None = None,
+        gather_s: float = 0.0,
         preferred: tuple[int, ...] = (),
         static_sizes: tuple[int, ...] = (),
         starvation_limit: int = 8,
@@ -179,6 +187,7 @@ class ModelScheduler:
         self.max_batch_size = max_batch_size
         self.delay_on_timeout = delay_on_timeout
         self.window_s = window_s
+        self.gather_s = gather_s
         self.static_sizes = tuple(sorted(static_sizes))
         self.cap = min(max_batch_size, self.static_sizes[-1]) if self.static_sizes else max_batch_size
         self._full_at = min(max(preferred), self.cap) if preferred else self.cap
@@ -193,6 +202,8 @@ class ModelScheduler:
         self.live_rows = 0
         self._last_arrival = 0.0
         self._burst = 0
+        self._arrival_count = 0.0
+        self._arrival_gap = 0.0
         self.rate = 0.0  # arrivals per second, a moving average
         self.drain_rate = 0.0  # rows finished per second, a moving average
         self._last_done = 0.0
@@ -208,11 +219,17 @@ class ModelScheduler:
         """Queue a request; ``ahead_rows``: rows already handed to the pool that it also waits behind."""
         req.level = min(max(req.level, 0), len(self._levels) - 1)
         if req.arrived > self._last_arrival:
-            # Requests arrive in reads (gateway groups, broker reads): the rate is the previous
-            # read's requests over the time between the two reads.
+            # Requests arrive in reads (gateway groups, broker reads): the rate is requests per
+            # read over time between reads, each a moving average (an average of per-read rates
+            # would overrate bursty arrivals).
             if self._burst:
-                now_rate = self._burst / (req.arrived - self._last_arrival)
-                self.rate = now_rate if self.rate == 0 else 0.9 * self.rate + 0.1 * now_rate
+                gap = req.arrived - self._last_arrival
+                if self._arrival_gap:
+                    self._arrival_count = 0.9 * self._arrival_count + 0.1 * self._burst
+                    self._arrival_gap = 0.9 * self._arrival_gap + 0.1 * gap
+                else:
+                    self._arrival_count, self._arrival_gap = self._burst, gap
+                self.rate = self._arrival_count / self._arrival_gap
             self._last_arrival = req.arrived
             self._burst = 0
         self._burst += 1
@@ -230,7 +247,7 @@ class ModelScheduler:
         """Rows per second the pool gets through: as measured when it is saturated, and at least what
         one worker computes (below saturation the measured rate is only the arrival rate)."""
         cap = max(1, self.cap)
-        one_worker = cap / self.latency.compute(cap) if self.latency.compute(cap) > 0 else 0.0
+        one_worker = cap / self.latency.expected(cap) if self.latency.expected(cap) > 0 else 0.0
         return max(self.drain_rate, one_worker)
 
     def observe_done(self, rows: int, now: float) -> None:
@@ -362,21 +379,25 @@ class ModelScheduler:
             return True
         return self.live_rows >= self._full_at or now - self._fifo[0][1].arrived >= wait
 
-    def hold_for(self, now: float) -> float:
-        """How long an adaptive partial batch may gather: as long as one batch costs now (compute,
-        hops and the wait behind the running batch, as learned), but only when at least one more
-        request is expected to arrive meanwhile (Nagle's rule, from the measured arrival rate), and
-        never so long that the most urgent request would have to be rejected instead."""
+    def hold_for(self, release_at: float) -> float:
+        """How long an adaptive partial batch may gather, counted from its oldest request's arrival.
+
+        Until ``release_at``, when a worker is expected to be free to take it (the caller knows the
+        pool): waiting for a busy worker costs nothing.  While requests arrive often enough that at
+        least ``GATHER_ARRIVALS`` more are expected within ``gather_s``, at least ``gather_s`` even
+        if a worker is free: under load, bigger batches cost less CPU per request, and on a shared
+        host that CPU is what the gateway and Redis need.  Never so long that the most urgent
+        request would have to be rejected instead."""
         if self.window_s is not None or not self.live:
             return 0.0
-        cost = self.latency.expected(self.live_rows)
-        if self.rate * cost < 1.0:
-            return 0.0  # fewer than one more request would arrive while waiting: nobody waits for nothing
-        hold = cost
+        oldest = self._fifo[0][1].arrived
+        hold = release_at - oldest
+        if self.gather_s > 0 and self.rate * self.gather_s >= GATHER_ARRIVALS:
+            hold = max(hold, self.gather_s)
         urgent = self.next_check()
         if urgent is not None:
-            hold = min(hold, max(0.0, urgent - self._fifo[0][1].arrived))
-        return hold
+            hold = min(hold, urgent - oldest)
+        return max(0.0, hold)
 
     def take(self, now: float, *, drain: bool = False, hold_s: float = 0.0) -> list[Request]:
         """One batch to hand to the pool now ([] when nothing may leave yet).
@@ -441,3 +462,19 @@ class ModelScheduler:
         """Put back a batch that could not be handed over, ahead of everything else."""
         for r in reversed(batch):
             self._place(r, front=True)
+
+
+def worker_free_at(handed: list[tuple[float, float]], workers: int, now: float, formed: list[float]) -> float:
+    """When one of ``workers`` is expected to be free for one more batch (-inf: one is idle now).
+
+    ``handed``: (dispatch time, expected compute) of the unfinished batches, in
+    dispatch order; ``formed``: expected compute of batches about to be sent at
+    ``now``.  Workers take the stream's batches in order, each as soon as it is
+    free, and run each for its expected time.
+    """
+    free = [-math.inf] * max(1, workers)
+    for at, compute in handed:
+        heapq.heappush(free, max(heapq.heappop(free), at) + compute)
+    for compute in formed:
+        heapq.heappush(free, max(heapq.heappop(free), now) + compute)
+    return free[0]

@@ -51,7 +51,7 @@ from broker.messages import (
     parse_done,
     parse_group,
 )
-from broker.scheduler import Entry, LatencyModel, ModelScheduler, Rejection, Request
+from broker.scheduler import Entry, LatencyModel, ModelScheduler, Rejection, Request, worker_free_at
 from ferry.errors import Code
 from ferry.redis_conn import REDIS_DOWN, connect, ensure_group
 from ferry.repository import ModelVersion, Repository
@@ -82,28 +82,39 @@ class _Pool:
     stream: str
     models: list[_Model] = field(default_factory=list)
     turn: int = 0  # round-robin start among its models
-    unfinished: dict[bytes, tuple[float, int]] = field(default_factory=dict)  # entry id -> (dispatch time, rows)
+    # entry id -> (dispatch time, rows, expected compute seconds, expected start), in dispatch order
+    unfinished: dict[bytes, tuple[float, int, float, float]] = field(default_factory=dict)
     early: dict[bytes, float] = field(default_factory=dict)  # done before its XADD reply came
     checked: float = 0.0  # when the unfinished entries were last checked
+    # Dispatch-to-done time beyond compute and waiting for a worker: the Redis hops and the
+    # worker's own reading and replying.  An adaptive batch leaves this much before a worker frees.
+    hop: float = 0.0
 
-    def dispatched(self, entry_id: bytes, at: float, rows: int) -> None:
+    def dispatched(self, entry_id: bytes, at: float, rows: int, compute: float, workers: int) -> None:
         if self.early.pop(entry_id, None) is None:
-            self.unfinished[entry_id] = (at, rows)
+            start = max(at, self.free_at(workers, at, []))
+            self.unfinished[entry_id] = (at, rows, compute, start)
+
+    def free_at(self, workers: int, now: float, formed: list[float]) -> float:
+        """When a worker is expected to be free for one more batch; ``formed``: the expected
+        compute of batches formed this round and not yet sent."""
+        return worker_free_at([(u[0], u[2]) for u in self.unfinished.values()], workers, now, formed)
 
     @property
     def rows_ahead(self) -> int:
         """Rows this broker handed to the pool that are not finished: queued work a new request waits behind."""
-        return sum(rows for _, rows in self.unfinished.values())
+        return sum(u[1] for u in self.unfinished.values())
 
-    def finished(self, entry_id: bytes, at: float) -> float | None:
-        """The entry's dispatch time, if this broker dispatched it and is still waiting for it."""
+    def finished(self, entry_id: bytes, at: float) -> tuple[float, float] | None:
+        """The entry's dispatch time and expected start, if this broker dispatched it and is still
+        waiting for it."""
         sent = self.unfinished.pop(entry_id, None)
         if sent is None:
             self.early[entry_id] = at
             if len(self.early) > 1000:
                 self.early = {k: t for k, t in self.early.items() if at - t < EARLY_MEMORY_S}
             return None
-        return sent[0]
+        return sent[0], sent[3]
 
 
 class Broker:
@@ -131,6 +142,7 @@ class Broker:
                 levels=max(1, s.priority_levels),
                 delay_on_timeout=s.queue_policy.timeout_action == "DELAY",
                 window_s=window,
+                gather_s=settings.gather_us / 1e6,
                 preferred=s.preferred_batch_sizes,
                 static_sizes=s.static_batch_sizes,
                 starvation_limit=settings.starvation_limit,
@@ -292,7 +304,9 @@ class Broker:
             compute = compute_ns / 1e9
             lat.observe(rows, compute)
             if sent:
-                lat.observe_overhead(now - min(sent) - compute)
+                lat.observe_overhead(now - min(t for t, _ in sent) - compute)
+                hop = max(0.0, now - min(start for _, start in sent) - compute)
+                pool.hop = hop if pool.hop == 0 else 0.9 * pool.hop + 0.1 * hop
         self._kick.set()
 
     # --- dispatching ---------------------------------------------------------------------
@@ -327,9 +341,9 @@ class Broker:
     def _room(self, pool: _Pool) -> int:
         return max(1, self.live.pools[pool.name]) * self.settings.pool_depth - len(pool.unfinished)
 
-    def _busy(self, pool: _Pool, extra: int = 0) -> bool:
-        """Every live worker has a batch: what goes out now would wait in the stream anyway."""
-        return len(pool.unfinished) + extra >= max(1, self.live.pools[pool.name])
+    def _release_at(self, pool: _Pool, now: float, formed: list[float]) -> float:
+        """When an adaptive batch should leave: one hop ahead of the moment a worker frees up."""
+        return pool.free_at(self.live.pools[pool.name], now, formed) - pool.hop
 
     def _next_wake(self, now: float) -> float:
         wake = now + IDLE_BLOCK_MS / 1000
@@ -345,7 +359,7 @@ class Broker:
                 if full:
                     wake = min(wake, pool.checked + RESYNC_S)  # waiting for room: check for lost notices
                 else:
-                    hold = sched.hold_for(now) if self._busy(pool) else 0.0
+                    hold = sched.hold_for(self._release_at(pool, now, []))
                     if (closes := sched.window_closes(hold)) is not None:
                         wake = min(wake, closes)
         return max(0.0, wake - now)
@@ -407,7 +421,9 @@ class Broker:
         self.rejected += len(rejections)
         sent_at = time.monotonic()
         for (model, batch), entry_id in zip(sent, replies, strict=False):
-            self._pools[model.pool].dispatched(entry_id, sent_at, sum(r.rows for r in batch))
+            rows = sum(r.rows for r in batch)
+            pool = self._pools[model.pool]
+            pool.dispatched(entry_id, sent_at, rows, model.sched.latency.compute(rows), self.live.pools[pool.name])
         for pool in check:
             pool.checked = sent_at
         for (pool, entry_id), found in zip(checked, replies[len(replies) - len(checked):], strict=True):
@@ -421,15 +437,18 @@ class Broker:
         out: list[tuple[_Model, list[Request]]] = []
         room = math.inf if drain else self._room(pool)
         models = pool.models
+        formed: list[float] = []  # expected compute of the batches formed so far
         idle = 0
         while room > 0 and idle < len(models):
             model = models[pool.turn % len(models)]
             pool.turn += 1
-            # A batch never waits while a worker is idle; while all are busy it may gather (adaptive).
-            hold = 0.0 if drain or not self._busy(pool, len(out)) else model.sched.hold_for(now)
+            # A batch never waits while a worker is idle; while all are busy it gathers until
+            # one is about to be free (adaptive), since it could not start earlier anyway.
+            hold = 0.0 if drain else model.sched.hold_for(self._release_at(pool, now, formed))
             batch = model.sched.take(now, drain=drain, hold_s=hold)
             if batch:
                 out.append((model, batch))
+                formed.append(model.sched.latency.compute(sum(r.rows for r in batch)))
                 room -= 1
                 idle = 0
             else:

@@ -107,6 +107,11 @@ class BrokerSettings(CommonSettings):
         -1, "with batch_window=fixed, the window in microseconds for every model, overriding "
         "max_queue_delay_microseconds in config.pbtxt (-1: use each model's config)"
     )
+    gather_us: int = knob(
+        2000, "with batch_window=adaptive, the longest a partial batch waits for batch-mates while a "
+        "worker is free, used only while at least 2 more requests are expected within it (0: never "
+        "keep a free worker waiting)"
+    )
     pool_depth: int = knob(
         2, "batches per live worker a pool's stream may hold (one running, the next ready); the rest "
         "wait in the broker, where they still grow into bigger batches and obey priorities"
@@ -121,6 +126,8 @@ class BrokerSettings(CommonSettings):
         super().__post_init__()
         if self.batch_window not in ("adaptive", "fixed"):
             raise ConfigError(f"batch_window {self.batch_window!r} must be 'adaptive' or 'fixed'")
+        if self.gather_us < 0:
+            raise ConfigError("gather_us must be >= 0")
         if self.pool_depth < 1:
             raise ConfigError("pool_depth must be >= 1")
         if self.starvation_limit < 1:

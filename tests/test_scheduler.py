@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.scheduler import QUEUED, Entry, LatencyModel, ModelScheduler, Request
+from broker.scheduler import QUEUED, Entry, LatencyModel, ModelScheduler, Request, worker_free_at
 
 
 def _request(i: int, rows: int, now: float, *, level: int = 0, shape: str = "", deadline: float = math.inf,
@@ -230,24 +230,41 @@ def test_latency_model_assumes_proportional_cost_from_one_batch_size() -> None:
     assert m.compute(8) == pytest.approx(0.008)
 
 
-def test_adaptive_hold_waits_only_when_someone_is_expected_to_join() -> None:
+def test_adaptive_hold_gathers_until_release_but_never_past_the_most_urgent_check() -> None:
     s = ModelScheduler("m", max_batch_size=32, latency=_fixed(0.0, 0.002))  # a batch costs 2 ms
-    for i in range(3):  # one request every 10 ms: 100/s, 0.2 expected per batch time
-        s.add(_request(i, 1, i * 0.010))
-    assert s.hold_for(0.02) == 0.0
-    assert s.ready(0.02, s.hold_for(0.02))
-    s = ModelScheduler("m", max_batch_size=32, latency=_fixed(0.0, 0.002))
-    for i in range(20):  # one request every 0.1 ms: 10,000/s, 20 expected per batch time
-        s.add(_request(i, 1, i * 0.0001))
-    drop = s.take(0.002)  # empty the queue, keep the learned rate
-    assert len(drop) == 20
-    s.add(_request(100, 1, 0.0021, deadline=1.0))
-    hold = s.hold_for(0.0021)
-    assert hold == pytest.approx(0.002)
-    assert not s.ready(0.0021, hold) and s.ready(0.0041 + 1e-9, hold)
+    s.add(_request(0, 1, 0.010))
+    # A worker is idle (release already passed): the batch leaves at once.
+    assert s.hold_for(-math.inf) == 0.0 and s.ready(0.010, s.hold_for(-math.inf))
+    # Every worker busy until 15 ms: gather until then.
+    hold = s.hold_for(0.015)
+    assert hold == pytest.approx(0.005)
+    assert not s.ready(0.0149, hold) and s.ready(0.015 + 1e-9, hold)
+    assert s.window_closes(hold) == pytest.approx(0.015)
     # Never so long that the most urgent member would be rejected instead.
-    s.add(_request(101, 1, 0.0021, deadline=0.0051))
-    assert s.hold_for(0.0021) == pytest.approx(0.0051 - 0.002 - 0.0021)
+    s.add(_request(1, 1, 0.011, deadline=0.0135))
+    assert s.hold_for(0.015) == pytest.approx(0.0135 - 0.002 - 0.010)
+    # A fixed window ignores the pool.
+    f = ModelScheduler("m", max_batch_size=32, window_s=0.001, latency=_fixed(0.0, 0.002))
+    f.add(_request(0, 1, 0.0))
+    assert f.hold_for(0.5) == 0.0 and f.ready(0.001)
+
+
+def test_adaptive_gathers_for_a_free_worker_only_when_arrivals_are_frequent() -> None:
+    slow = ModelScheduler("m", max_batch_size=32, gather_s=0.002, latency=_fixed(0.0, 0.001))
+    for i in range(20):  # 100/s: 0.2 expected within the 2 ms gather window
+        slow.add(_request(i, 1, i * 0.010))
+    assert slow.rate == pytest.approx(100)
+    assert slow.hold_for(-math.inf) == 0.0  # a free worker gets the batch at once
+    busy = ModelScheduler("m", max_batch_size=32, gather_s=0.002, latency=_fixed(0.0, 0.001))
+    for i in range(20):  # 5,000/s, arriving in reads of 5 every millisecond: 10 expected
+        busy.add(_request(i, 1, (i // 5) * 0.001))
+    assert busy.rate == pytest.approx(5000)
+    assert busy.hold_for(-math.inf) == pytest.approx(0.002)
+    assert busy.hold_for(0.010) == pytest.approx(0.010)  # a busy worker: longer is free
+    off = ModelScheduler("m", max_batch_size=32, gather_s=0.0, latency=_fixed(0.0, 0.001))
+    for i in range(20):
+        off.add(_request(i, 1, (i // 5) * 0.001))
+    assert off.hold_for(-math.inf) == 0.0
 
 
 def test_a_request_behind_a_queue_it_cannot_outwait_is_rejected_on_arrival() -> None:
@@ -272,3 +289,15 @@ def test_below_saturation_the_models_own_speed_bounds_the_wait() -> None:
     s.add(_request(0, 1, 0.5))
     s.add(_request(1, 1, 0.5, deadline=0.51))
     assert s.expire(0.5) == []
+
+
+def test_worker_free_at_follows_the_batches_handed_to_the_pool() -> None:
+    assert worker_free_at([], 2, 0.0, []) == -math.inf  # idle workers: no reason to wait
+    assert worker_free_at([(0.0, 0.004)], 2, 0.001, []) == -math.inf  # one of two still idle
+    # Two workers, each with a running batch: the first frees at 3 ms.
+    assert worker_free_at([(0.0, 0.004), (0.001, 0.002)], 2, 0.001, []) == pytest.approx(0.003)
+    # A third batch queues behind the first to free, so the next free worker is at 4 ms.
+    assert worker_free_at([(0.0, 0.004), (0.001, 0.002), (0.001, 0.003)], 2, 0.001, []) == pytest.approx(0.004)
+    # Batches formed this round count as starting now or when a worker frees, whichever is later.
+    assert worker_free_at([(0.0, 0.004)], 2, 0.001, [0.001]) == pytest.approx(0.002)
+    assert worker_free_at([], 0, 0.0, [0.002]) == pytest.approx(0.002)  # no live worker counts as one
