@@ -28,8 +28,11 @@ a cluster too)::
                                             the list of a gateway that is gone.
     ferry:workers                           ZSET    live workers: member = worker id,
                                             score = heartbeat expiry (ms since epoch).
-    ferry:worker:<id>                       STRING  JSON description of a worker (pool,
-                                            host, models), with the same TTL.
+                                            Expired members are pruned by every
+                                            heartbeat and every registry read.
+    ferry:worker:<id>                       STRING  the worker's registration (pool, runtime,
+                                            devices, models, latency profile:
+                                            broker.messages, item 6), same TTL.
 
 Pub/sub channel (not a key): ``ferry:{p:<pool>}:done``, where workers announce
 finished batches to brokers (broker.messages, item 5).

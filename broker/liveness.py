@@ -8,7 +8,6 @@ check on the request path is a dictionary lookup, not a Redis round trip.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections import Counter
@@ -16,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from broker import keys
+from broker.messages import WorkerInfo
 from ferry.errors import FerryError, Unavailable
 from ferry.redis_conn import REDIS_DOWN, unavailable
 from ferry.repository import ModelVersion
@@ -34,6 +34,7 @@ class LiveWorkers:
         self.on_refresh: Callable[[Counter[tuple[str, int]]], Awaitable[None]] | None = None
         self._served: Counter[tuple[str, int]] = Counter()
         self.pools: Counter[str] = Counter()  # live workers per pool
+        self.workers: dict[str, WorkerInfo] = {}  # live workers by id
         self._error: FerryError | None = Unavailable("the worker registry has not been read yet")
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -49,7 +50,12 @@ class LiveWorkers:
     async def refresh(self) -> None:
         now_ms = int(time.time() * 1000)
         try:
-            ids = await self._redis.zrangebyscore(keys.WORKERS, now_ms, "+inf")
+            # Dead workers' entries go here too, not only in live workers' heartbeats: the
+            # registry must not keep the last worker of a cluster forever.
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.zremrangebyscore(keys.WORKERS, "-inf", now_ms)
+            pipe.zrangebyscore(keys.WORKERS, now_ms, "+inf")
+            _, ids = await pipe.execute()
             infos = await self._redis.mget([keys.worker_info(i.decode()) for i in ids]) if ids else []
         except REDIS_DOWN as exc:
             self._error = unavailable(self._url, exc)
@@ -58,15 +64,17 @@ class LiveWorkers:
             return
         served: Counter[tuple[str, int]] = Counter()
         pools: Counter[str] = Counter()
-        for raw in infos:
+        workers: dict[str, WorkerInfo] = {}
+        for wid, raw in zip(ids, infos, strict=True):
             if raw is not None:
-                info = json.loads(raw)
-                pools[info["pool"]] += 1
-                for name, version in info["models"]:
-                    served[(name, int(version))] += 1
+                info = WorkerInfo.decode(raw)
+                workers[wid.decode()] = info
+                pools[info.pool] += 1
+                for key in info.models:
+                    served[key] += 1
         if self.on_refresh is not None:
             await self.on_refresh(served)
-        self._served, self.pools, self._error = served, pools, None
+        self._served, self.pools, self.workers, self._error = served, pools, workers, None
 
     async def _loop(self) -> None:
         while True:
@@ -81,8 +89,8 @@ class LiveWorkers:
         if self._error:
             raise self._error
         if self._served[mv.key] == 0:
-            pool = mv.settings.pool
+            pools = mv.settings.pool_names
             raise Unavailable(
-                f"model {mv.name!r} v{mv.version} has no live worker (pool {pool!r}); "
-                f"start one with `ferry worker --pool {pool}`"
+                f"model {mv.name!r} v{mv.version} has no live worker (pools: {', '.join(pools)}); "
+                f"start one with `ferry worker --pool {pools[0]}`"
             )

@@ -47,6 +47,18 @@ deadlines by as much).
    replies are written.  Brokers learn each model's batch latency and their
    pool's free capacity from it; a lost notice only delays both (the broker
    re-reads the pool's backlog).
+
+6. Worker registration (worker -> ``keys.worker_info(id)``, rewritten every
+   heartbeat with the heartbeat's TTL): JSON object ``WorkerInfo``::
+
+       pool, runtime, host   where it runs and with what (onnx-cpu, onnx-gpu, neuron)
+       devices               ["cpu"], ["cuda:0"], ["neuroncore:0", ...]
+       models                [[name, version], ...] it loaded
+       batch_sizes           {"name:version": [compiled sizes]} ([] = any up to max_batch_size)
+       max_batch             {"name:version": max_batch_size}
+       profile               {"name:version": {"rows": mean ms of a batch}}: its measured
+                             batch latency, rows rounded up to a power of two
+       batches               batches it ran since it started
 """
 
 from __future__ import annotations
@@ -205,3 +217,39 @@ class Stat:
     def batch(size: int, what: str) -> str:
         """Per-batch-size field; ``what`` is count, input_ns, infer_ns or output_ns."""
         return f"batch:{size}:{what}"
+
+
+@dataclass
+class WorkerInfo:
+    """What a worker publishes about itself (message 6)."""
+
+    pool: str
+    runtime: str
+    host: str
+    devices: list[str]
+    models: list[tuple[str, int]]
+    batch_sizes: dict[str, list[int]]
+    max_batch: dict[str, int]
+    profile: dict[str, dict[str, float]]
+    batches: int = 0
+
+    def encode(self) -> bytes:
+        return _json({
+            "pool": self.pool, "runtime": self.runtime, "host": self.host, "devices": self.devices,
+            "models": [[n, v] for n, v in self.models], "batch_sizes": self.batch_sizes,
+            "max_batch": self.max_batch, "profile": self.profile, "batches": self.batches,
+        })
+
+    @classmethod
+    def decode(cls, raw: bytes) -> WorkerInfo:
+        d = json.loads(raw)
+        return cls(
+            pool=d["pool"], runtime=d.get("runtime", ""), host=d.get("host", ""), devices=d.get("devices", []),
+            models=[(str(n), int(v)) for n, v in d["models"]], batch_sizes=d.get("batch_sizes", {}),
+            max_batch=d.get("max_batch", {}), profile=d.get("profile", {}), batches=int(d.get("batches", 0)),
+        )
+
+
+def model_label(name: str, version: int) -> str:
+    """How WorkerInfo keys its per-model maps."""
+    return f"{name}:{version}"

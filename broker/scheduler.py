@@ -32,7 +32,9 @@ batch should compute; a partial batch leaves at once while a worker is idle,
 and otherwise gathers until the first worker is expected to be free, less the
 hop to reach it (``hold_for``).  Holding then costs nobody anything (the batch
 could not start earlier) and everything that arrives meanwhile rides along:
-at low load nobody waits, and under load batches grow with the load.
+at low load nobody waits, and under load batches grow with the load.  An
+optional gather window (``gather_s``) also holds a batch for a free worker
+while arrivals are frequent enough to fill it.
 ``fixed`` (window W): as Triton's dynamic batcher, a partial batch waits
 until its oldest request has waited W (kept for reproducible comparisons).
 """
@@ -45,6 +47,8 @@ import math
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+
+from ferry.errors import Code
 
 
 class LatencyModel:
@@ -137,6 +141,7 @@ class Request:
 class Rejection:
     request: Request
     message: str
+    code: int = Code.DEADLINE_EXCEEDED
 
 
 Slot = tuple[int, Request]  # (token when placed, request)
@@ -285,6 +290,13 @@ class ModelScheduler:
             return None
         self._leave(req, DROPPED)
         return req
+
+    def drop_all(self) -> list[Request]:
+        """Take every queued request out (its model lost every pool that could serve it)."""
+        out = [r for r in self._index.values() if r.state == QUEUED]
+        for r in out:
+            self._leave(r, DROPPED)
+        return out
 
     def _check_time(self, req: Request) -> float:
         if req.doomed:

@@ -12,6 +12,9 @@ Three tasks share the in-memory schedulers (one event loop, so no locks):
 * the *listener* hears workers announce finished batches (pub/sub), which
   frees room in their pool and teaches the model's latency model.
 
+Each batch goes to one of the pools its model may run on (broker.pools.route:
+the cheapest with a live worker and room that can start it in time).
+
 A pool has room while fewer than ``pool_depth`` batches per live worker that
 this broker dispatched are unfinished.  They are tracked by entry id, not
 counted, because a done notice (pub/sub connection) may overtake the reply
@@ -37,6 +40,7 @@ import logging
 import math
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from broker import keys, scripts
@@ -47,11 +51,13 @@ from broker.messages import (
     Stat,
     batch_fields,
     encode_reply,
+    parse_batch,
     parse_cancel,
     parse_done,
     parse_group,
 )
-from broker.scheduler import Entry, LatencyModel, ModelScheduler, Rejection, Request, worker_free_at
+from broker.pools import Choice, Pool, fastest, least_loaded, route
+from broker.scheduler import Entry, LatencyModel, ModelScheduler, Rejection, Request
 from ferry.errors import Code
 from ferry.redis_conn import REDIS_DOWN, connect, ensure_group
 from ferry.repository import ModelVersion, Repository
@@ -63,7 +69,6 @@ log = logging.getLogger("ferry.broker")
 IDLE_BLOCK_MS = 200  # how often an idle reader looks at its stop flag
 TIMER_SLACK_S = 0.0005
 RESYNC_S = 0.05  # a full pool's unfinished entries are checked this often, in case a done notice was lost
-EARLY_MEMORY_S = 10.0  # done notices for entries not (yet) known here are remembered this long
 
 
 @dataclass(eq=False)
@@ -71,50 +76,14 @@ class _Model:
     mv: ModelVersion
     stream: str
     counter: str
-    pool: str
     sched: ModelScheduler
+    # The pools it may run on, cheapest first, each with its latency model for this model.
+    options: list[tuple[Pool, LatencyModel]] = field(default_factory=list)
     done: list[Entry] = field(default_factory=list)  # entries to acknowledge in the next round
+    unserved_since: float | None = None  # since when no pool of it has had a live worker
 
-
-@dataclass(eq=False)
-class _Pool:
-    name: str
-    stream: str
-    models: list[_Model] = field(default_factory=list)
-    turn: int = 0  # round-robin start among its models
-    # entry id -> (dispatch time, rows, expected compute seconds, expected start), in dispatch order
-    unfinished: dict[bytes, tuple[float, int, float, float]] = field(default_factory=dict)
-    early: dict[bytes, float] = field(default_factory=dict)  # done before its XADD reply came
-    checked: float = 0.0  # when the unfinished entries were last checked
-    # Dispatch-to-done time beyond compute and waiting for a worker: the Redis hops and the
-    # worker's own reading and replying.  An adaptive batch leaves this much before a worker frees.
-    hop: float = 0.0
-
-    def dispatched(self, entry_id: bytes, at: float, rows: int, compute: float, workers: int) -> None:
-        if self.early.pop(entry_id, None) is None:
-            start = max(at, self.free_at(workers, at, []))
-            self.unfinished[entry_id] = (at, rows, compute, start)
-
-    def free_at(self, workers: int, now: float, formed: list[float]) -> float:
-        """When a worker is expected to be free for one more batch; ``formed``: the expected
-        compute of batches formed this round and not yet sent."""
-        return worker_free_at([(u[0], u[2]) for u in self.unfinished.values()], workers, now, formed)
-
-    @property
-    def rows_ahead(self) -> int:
-        """Rows this broker handed to the pool that are not finished: queued work a new request waits behind."""
-        return sum(u[1] for u in self.unfinished.values())
-
-    def finished(self, entry_id: bytes, at: float) -> tuple[float, float] | None:
-        """The entry's dispatch time and expected start, if this broker dispatched it and is still
-        waiting for it."""
-        sent = self.unfinished.pop(entry_id, None)
-        if sent is None:
-            self.early[entry_id] = at
-            if len(self.early) > 1000:
-                self.early = {k: t for k, t in self.early.items() if at - t < EARLY_MEMORY_S}
-            return None
-        return sent[0], sent[3]
+    def latency_on(self, pool: str) -> LatencyModel | None:
+        return next((lat for p, lat in self.options if p.name == pool), None)
 
 
 class Broker:
@@ -129,7 +98,8 @@ class Broker:
         self._kick = asyncio.Event()
         self._models: dict[bytes, _Model] = {}
         self._by_key: dict[tuple[str, int], _Model] = {}
-        self._pools: dict[str, _Pool] = {}
+        self._pools: dict[str, Pool] = {}
+        self._turn = 0  # round-robin start among models
         for mv in repo.all_versions():
             s = mv.settings
             window: float | None = None
@@ -146,15 +116,15 @@ class Broker:
                 preferred=s.preferred_batch_sizes,
                 static_sizes=s.static_batch_sizes,
                 starvation_limit=settings.starvation_limit,
-                latency=LatencyModel(),
             )
-            model = _Model(mv, keys.request_stream(mv.name, mv.version), keys.queue_count(mv.name, mv.version),
-                           s.pool, sched)
+            model = _Model(mv, keys.request_stream(mv.name, mv.version), keys.queue_count(mv.name, mv.version), sched)
+            for choice in s.pools:
+                pool = self._pools.setdefault(choice.name, Pool(choice.name, keys.pool_stream(choice.name)))
+                model.options.append((pool, LatencyModel()))
             self._models[model.stream.encode()] = model
             self._by_key[mv.key] = model
-            pool = self._pools.setdefault(s.pool, _Pool(s.pool, keys.pool_stream(s.pool)))
-            pool.models.append(model)
         self._by_channel = {keys.done_channel(p.name): p for p in self._pools.values()}
+        self._model_list = list(self._models.values())
         self._sha_ack = scripts.sha(scripts.ACK_REQUESTS)
         self._tasks: list[asyncio.Task[None]] = []
         self.batches_sent = 0
@@ -233,7 +203,8 @@ class Broker:
         for stream, entries in resp:
             model = self._models[stream]
             levels = max(1, model.mv.settings.priority_levels)
-            ahead = self._pools[model.pool].rows_ahead
+            ahead = least_loaded(model.options, self._workers)
+            self._use_fastest(model)
             for entry_id, fields in entries:
                 cancel = parse_cancel(fields)
                 if cancel is not None:
@@ -298,15 +269,14 @@ class Broker:
             return
         sent = [t for i in ids if (t := pool.finished(i, now)) is not None]
         model = self._by_key.get((model_name, version))
-        if model is not None and rows > 0:
+        lat = model.latency_on(pool.name) if model is not None else None
+        if model is not None and lat is not None and rows > 0:
             model.sched.observe_done(rows, now)
-            lat = model.sched.latency
             compute = compute_ns / 1e9
             lat.observe(rows, compute)
             if sent:
                 lat.observe_overhead(now - min(t for t, _ in sent) - compute)
-                hop = max(0.0, now - min(start for _, start in sent) - compute)
-                pool.hop = hop if pool.hop == 0 else 0.9 * pool.hop + 0.1 * hop
+                pool.observe_hop(max(0.0, now - min(start for _, start in sent) - compute))
         self._kick.set()
 
     # --- dispatching ---------------------------------------------------------------------
@@ -338,58 +308,70 @@ class Broker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._kick.wait(), wait)
 
-    def _room(self, pool: _Pool) -> int:
+    def _workers(self, pool: str) -> int:
+        return self.live.pools[pool]
+
+    def _room(self, pool: Pool) -> int:
         return max(1, self.live.pools[pool.name]) * self.settings.pool_depth - len(pool.unfinished)
 
-    def _release_at(self, pool: _Pool, now: float, formed: list[float]) -> float:
-        """When an adaptive batch should leave: one hop ahead of the moment a worker frees up."""
-        return pool.free_at(self.live.pools[pool.name], now, formed) - pool.hop
+    def _use_fastest(self, model: _Model) -> None:
+        """Deadline checks use the live pool that serves this model soonest: a request is
+        hopeless only if no pool could make it."""
+        best = fastest(model.options, self._workers)
+        if best is not None:
+            model.sched.latency = best
+
+    def _route(self, model: _Model, now: float, room: Callable[[Pool], float],
+               formed: dict[str, list[float]]) -> Choice | None:
+        return route(model.options, workers=self._workers, room=room,
+                     formed=lambda p: formed.get(p.name, ()), now=now, urgent=model.sched.next_check())
 
     def _next_wake(self, now: float) -> float:
         wake = now + IDLE_BLOCK_MS / 1000
         for pool in self._pools.values():
-            full = self._room(pool) <= 0
-            for model in pool.models:
-                sched = model.sched
-                if not sched.live:
-                    continue
-                check = sched.next_check()
-                if check is not None:
-                    wake = min(wake, check)
-                if full:
-                    wake = min(wake, pool.checked + RESYNC_S)  # waiting for room: check for lost notices
-                else:
-                    hold = sched.hold_for(self._release_at(pool, now, []))
-                    if (closes := sched.window_closes(hold)) is not None:
-                        wake = min(wake, closes)
+            if self._room(pool) <= 0 and pool.unfinished:
+                wake = min(wake, pool.checked + RESYNC_S)  # waiting for room: check for lost notices
+        for model in self._model_list:
+            sched = model.sched
+            if not sched.live:
+                continue
+            check = sched.next_check()
+            if check is not None:
+                wake = min(wake, check)
+            if model.unserved_since is not None:
+                wake = min(wake, model.unserved_since + self.settings.no_worker_grace_s)
+            choice = self._route(model, now, self._room, {})
+            if choice is not None:
+                sched.latency = choice.latency
+                if (closes := sched.window_closes(sched.hold_for(choice.release_at))) is not None:
+                    wake = min(wake, closes)
         return max(0.0, wake - now)
 
     async def _dispatch(self, now: float, *, drain: bool) -> None:
+        await self._rescue(now)
         commands: list[list[bytes | str | int]] = []
-        sent: list[tuple[_Model, list[Request]]] = []
+        sent: list[tuple[_Model, Pool, list[Request]]] = []
         rejections: list[tuple[_Model, Rejection]] = []
-        check: list[_Pool] = []
-        for pool in self._pools.values():
-            for model in pool.models:
-                for rej in model.sched.expire(now):
-                    rejections.append((model, rej))
-                    self._release(model, rej.request)
-            batches = self._form(pool, now, drain)
-            for model, batch in batches:
-                members = [Member(r.gateway, r.corr, r.rows, r.enqueued_ns,
-                                  _wall_ns(r.deadline, now), r.payload) for r in batch]
-                xadd: list[bytes | str | int] = ["XADD", pool.stream, "*"]
-                for f, v in batch_fields(model.mv.name, model.mv.version, batch[0].shape, members).items():
-                    xadd += (f, v)
-                commands.append(xadd)
-                sent.append((model, batch))
-                for r in batch:
-                    self._release(model, r)
-            if (pool.unfinished and self._room(pool) <= 0 and now - pool.checked >= RESYNC_S
-                    and any(m.sched.live for m in pool.models)):
-                check.append(pool)
+        for model in self._model_list:
+            self._use_fastest(model)
+            for rej in model.sched.expire(now):
+                rejections.append((model, rej))
+                self._release(model, rej.request)
+            rejections += self._unserved(model, now, drain)
+        for model, pool, batch in self._form(now, drain):
+            members = [Member(r.gateway, r.corr, r.rows, r.enqueued_ns,
+                              _wall_ns(r.deadline, now), r.payload) for r in batch]
+            xadd: list[bytes | str | int] = ["XADD", pool.stream, "*"]
+            for f, v in batch_fields(model.mv.name, model.mv.version, batch[0].shape, members).items():
+                xadd += (f, v)
+            commands.append(xadd)
+            sent.append((model, pool, batch))
+            for r in batch:
+                self._release(model, r)
+        check = [pool for pool in self._pools.values()
+                 if pool.unfinished and self._room(pool) <= 0 and now - pool.checked >= RESYNC_S]
         acks: list[_Model] = []
-        for model in self._models.values():
+        for model in self._model_list:
             if model.done:
                 count = sum(e.count for e in model.done)
                 commands.append(["EVALSHA", self._sha_ack, 2, model.stream, model.counter, keys.BROKER_GROUP,
@@ -407,7 +389,7 @@ class Broker:
             # Not handed over: back to the front of their queues, to go out on the next
             # attempt (a batch that did reach Redis is then sent twice, and the gateway
             # drops the second reply).  Acknowledgements wait for the next round.
-            for model, batch in reversed(sent):
+            for model, _, batch in reversed(sent):
                 model.sched.requeue(batch)
                 for r in batch:
                     r.entry.remaining += 1
@@ -420,10 +402,11 @@ class Broker:
         self.batches_sent += len(sent)
         self.rejected += len(rejections)
         sent_at = time.monotonic()
-        for (model, batch), entry_id in zip(sent, replies, strict=False):
+        for (model, pool, batch), entry_id in zip(sent, replies, strict=False):
             rows = sum(r.rows for r in batch)
-            pool = self._pools[model.pool]
-            pool.dispatched(entry_id, sent_at, rows, model.sched.latency.compute(rows), self.live.pools[pool.name])
+            lat = model.latency_on(pool.name)
+            compute = lat.compute(rows) if lat is not None else 0.0
+            pool.dispatched(entry_id, sent_at, rows, compute, self._workers(pool.name), model.stream.encode())
         for pool in check:
             pool.checked = sent_at
         for (pool, entry_id), found in zip(checked, replies[len(replies) - len(checked):], strict=True):
@@ -432,27 +415,107 @@ class Broker:
                             entry_id.decode(), pool.name)
                 pool.unfinished.pop(entry_id, None)
 
-    def _form(self, pool: _Pool, now: float, drain: bool) -> list[tuple[_Model, list[Request]]]:
-        """Batches for one pool, taking turns among its models while it has room."""
-        out: list[tuple[_Model, list[Request]]] = []
-        room = math.inf if drain else self._room(pool)
-        models = pool.models
-        formed: list[float] = []  # expected compute of the batches formed so far
-        idle = 0
-        while room > 0 and idle < len(models):
-            model = models[pool.turn % len(models)]
-            pool.turn += 1
-            # A batch never waits while a worker is idle; while all are busy it gathers until
-            # one is about to be free (adaptive), since it could not start earlier anyway.
-            hold = 0.0 if drain else model.sched.hold_for(self._release_at(pool, now, formed))
-            batch = model.sched.take(now, drain=drain, hold_s=hold)
-            if batch:
-                out.append((model, batch))
-                formed.append(model.sched.latency.compute(sum(r.rows for r in batch)))
-                room -= 1
-                idle = 0
+    def _unserved(self, model: _Model, now: float, drain: bool) -> list[tuple[_Model, Rejection]]:
+        """Requests of a model none of whose pools has had a live worker for ``no_worker_grace_s``
+        fail with UNAVAILABLE (a short gap, such as a worker restarting, only delays them)."""
+        if any(self._workers(p.name) > 0 for p, _ in model.options):
+            model.unserved_since = None
+            return []
+        if drain or not model.sched.live:
+            return []
+        if model.unserved_since is None:
+            model.unserved_since = now
+        if now - model.unserved_since < self.settings.no_worker_grace_s:
+            return []
+        message = _no_worker_message(model)
+        out = [(model, Rejection(r, message, Code.UNAVAILABLE)) for r in model.sched.drop_all()]
+        for _, rej in out:
+            self._release(model, rej.request)
+        return out
+
+    async def _rescue(self, now: float) -> None:
+        """Batches this broker put on a pool that has lost every worker move to another pool of
+        their model, or fail with UNAVAILABLE once none has had a worker for the grace period."""
+        dead = [pool for pool in self._pools.values() if pool.unfinished and self._workers(pool.name) == 0]
+        if not dead:
+            return
+        wanted = [(pool, entry_id) for pool in dead for entry_id in pool.unfinished]
+        found = await self._writes.execute([["XRANGE", pool.stream, entry_id, entry_id] for pool, entry_id in wanted])
+        commands: list[list[bytes | str | int]] = []
+        moved: list[tuple[Pool, bytes, int, float, bytes]] = []
+        failed: list[tuple[str, bytes]] = []
+        for (pool, entry_id), entries in zip(wanted, found, strict=True):
+            if not entries:  # finished after all (its notice was lost) or deleted
+                pool.unfinished.pop(entry_id, None)
+                continue
+            _, rows, compute, _, model_key = pool.unfinished[entry_id]
+            model = self._models.get(model_key)
+            fields = entries[0][1]
+            fields = dict(zip(fields[::2], fields[1::2], strict=True)) if isinstance(fields, list) else fields
+            choice = None if model is None else route(
+                model.options, workers=self._workers, room=self._room, formed=lambda _: (), now=now, urgent=None)
+            if choice is not None:
+                xadd: list[bytes | str | int] = ["XADD", choice.pool.stream, "*"]
+                for f, v in fields.items():
+                    xadd += (f, v)
+                commands.append(xadd)
+                moved.append((choice.pool, entry_id, rows, compute, model_key))
+            elif model is None or (model.unserved_since is not None
+                                   and now - model.unserved_since >= self.settings.no_worker_grace_s):
+                message = _no_worker_message(model) if model else "its model is no longer served"
+                failed += [(m.gateway, encode_reply(m.corr, Code.UNAVAILABLE, message.encode()))
+                           for m in parse_batch(fields)[3]]
             else:
-                idle += 1
+                if model.unserved_since is None:
+                    model.unserved_since = now
+                continue
+            commands += [["XACK", pool.stream, keys.WORKER_GROUP, entry_id], ["XDEL", pool.stream, entry_id]]
+            pool.unfinished.pop(entry_id, None)
+        commands += scripts.push_reply_commands(failed)
+        if not commands:
+            return
+        replies = await self._writes.execute(commands)
+        xadds = iter(r for r, c in zip(replies, commands, strict=True) if c[0] == "XADD")
+        for (pool, _, rows, compute, model_key), new_id in zip(moved, xadds, strict=False):
+            pool.dispatched(new_id, now, rows, compute, self._workers(pool.name), model_key)
+        if moved or failed:
+            log.warning("pool(s) %s lost every worker: %d batch(es) moved to another pool, %d request(s) "
+                        "failed with UNAVAILABLE", ", ".join(p.name for p in dead), len(moved), len(failed))
+
+    def _form(self, now: float, drain: bool) -> list[tuple[_Model, Pool, list[Request]]]:
+        """This round's batches: models take turns; each batch goes to the pool ``route`` picks."""
+        out: list[tuple[_Model, Pool, list[Request]]] = []
+        formed: dict[str, list[float]] = defaultdict(list)
+        used: dict[str, int] = defaultdict(int)
+
+        def room(pool: Pool) -> float:
+            return math.inf if drain else self._room(pool) - used[pool.name]
+
+        models = self._model_list
+        n = len(models)
+        progress = True
+        while progress:
+            progress = False
+            for i in range(n):
+                model = models[(self._turn + i) % n]
+                if not model.sched.live:
+                    continue
+                choice = self._route(model, now, room, formed)
+                if choice is None:
+                    if not drain:
+                        continue
+                    # Stopping: hand everything over, to the cheapest pool if none is live.
+                    pool, latency = model.options[0]
+                    choice = Choice(pool, latency, -math.inf)
+                model.sched.latency = choice.latency
+                hold = 0.0 if drain else model.sched.hold_for(choice.release_at)
+                batch = model.sched.take(now, drain=drain, hold_s=hold)
+                if batch:
+                    out.append((model, choice.pool, batch))
+                    used[choice.pool.name] += 1
+                    formed[choice.pool.name].append(choice.latency.compute(sum(r.rows for r in batch)))
+                    progress = True
+        self._turn += 1
         return out
 
     def _rejection_commands(self, rejections: list[tuple[_Model, Rejection]]) -> list[list[bytes | str | int]]:
@@ -465,12 +528,18 @@ class Broker:
             f[0] += 1
             f[1] += max(0, wall - rej.request.enqueued_ns)
         commands = scripts.push_reply_commands(
-            (rej.request.gateway, encode_reply(rej.request.corr, Code.DEADLINE_EXCEEDED, rej.message.encode()))
+            (rej.request.gateway, encode_reply(rej.request.corr, rej.code, rej.message.encode()))
             for _, rej in rejections
         )
         for key, (count, ns) in fails.items():
             commands += [["HINCRBY", key, Stat.FAIL_COUNT, count], ["HINCRBY", key, Stat.FAIL_NS, ns]]
         return commands
+
+
+def _no_worker_message(model: _Model) -> str:
+    pools = [p.name for p, _ in model.options]
+    return (f"model {model.mv.name!r} v{model.mv.version} has no live worker in pool(s) {', '.join(pools)}; "
+            f"start one with `ferry worker --pool {pools[0]}`")
 
 
 def _wall_ns(deadline: float, now: float) -> int:

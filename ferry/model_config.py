@@ -25,16 +25,23 @@ ONNX_PLATFORM = "onnxruntime_onnx"
 ONNX_BACKEND = "onnxruntime"
 
 # Ferry's own settings live in config `parameters` under these keys.
-PARAM_POOL = "ferry.pool"
+PARAM_POOLS = "ferry.pools"
 PARAM_BATCH_SIZES = "ferry.batch_sizes"
 PARAM_SHAPE_BUCKETS = "ferry.shape_buckets"
+PARAM_NEURON_DYNAMIC_BATCH = "ferry.neuron_dynamic_batch"
 KNOWN_PARAMETERS = {
-    PARAM_POOL: "worker pool that runs this model (default: cpu)",
+    PARAM_POOLS: "worker pools that may run this model, each with its cost per worker-hour, e.g. "
+                 "\"cpu=0.17,gpu=1.21\" (default: cpu, or gpu for an instance_group of KIND_GPU; cost "
+                 "1.0 when left out); the broker prefers the cheapest pool that meets the deadlines",
     PARAM_BATCH_SIZES: "batch sizes a compiled model accepts, e.g. \"1,4,8\" (static shapes: Inferentia, TensorRT "
                        "profiles, CUDA graphs); each batch is padded to the smallest listed size >= its rows",
     PARAM_SHAPE_BUCKETS: "per-input sizes for variable dims, e.g. \"tokens=16,32;mask=16,32\"; each variable dim is "
                          "padded (0 / empty bytes) to the smallest size >= its length, one bucket per batch",
+    PARAM_NEURON_DYNAMIC_BATCH: "\"true\" when the Neuron artifact was compiled with torch_neuronx.dynamic_batch "
+                                "(it then splits any batch into its compiled size itself)",
 }
+DEFAULT_POOL_COST = 1.0
+POOL_NAME_RE = r"[a-z0-9][a-z0-9_-]{0,62}"
 
 # Triton reads max_queue_size 0 as "unbounded".  Ferry's queues live in the
 # Redis memory every model shares, so one overloaded model could exhaust it for
@@ -80,6 +87,14 @@ class QueuePolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class PoolChoice:
+    """A pool a model may run on, and what one of its workers costs per hour (any currency)."""
+
+    name: str
+    cost: float
+
+
+@dataclass(frozen=True, slots=True)
 class ModelSettings:
     """What the rest of Ferry needs from a validated config, as plain values."""
 
@@ -89,13 +104,18 @@ class ModelSettings:
     outputs: tuple[TensorSpec, ...]
     max_queue_delay_us: int
     preferred_batch_sizes: tuple[int, ...]
-    pool: str
+    pools: tuple[PoolChoice, ...]  # where it may run, cheapest first
     config: Any  # the completed mc.ModelConfig, served by the ModelConfig RPC
     priority_levels: int  # dynamic_batching.priority_levels, 0 = priorities off
     default_priority_level: int  # 1..priority_levels (1 is the HIGHEST priority, as in Triton); 0 when off
     queue_policy: QueuePolicy
     static_batch_sizes: tuple[int, ...]  # ferry.batch_sizes: sorted, unique; () = any batch size
     shape_buckets: tuple[tuple[str, tuple[int, ...]], ...]  # ferry.shape_buckets: (input, sorted sizes), by name
+    neuron_dynamic_batch: bool = False
+
+    @property
+    def pool_names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.pools)
 
 
 def bucket_dims(dims: tuple[int, ...], spec_dims: tuple[int, ...], buckets: tuple[int, ...]) -> tuple[int, ...]:
@@ -320,10 +340,11 @@ def load_model_settings(model_dir: Path, model_file: Path) -> ModelSettings:
 
     for i, group in enumerate(config.instance_group):
         _check_fields(path, f"instance_group[{i}].", group, _SUPPORTED_INSTANCE)
-        if group.kind not in (mc.ModelInstanceGroup.KIND_AUTO, mc.ModelInstanceGroup.KIND_CPU):
+        if group.kind not in (mc.ModelInstanceGroup.KIND_AUTO, mc.ModelInstanceGroup.KIND_CPU,
+                              mc.ModelInstanceGroup.KIND_GPU):
             raise _fail(path, f"instance_group[{i}].kind",
-                        f"{mc.ModelInstanceGroup.Kind.Name(group.kind)} is not served by the CPU "
-                        "pool yet; use KIND_CPU or KIND_AUTO")
+                        f"{mc.ModelInstanceGroup.Kind.Name(group.kind)} has no Ferry pool; use KIND_CPU, "
+                        "KIND_GPU or KIND_AUTO, or name pools with parameters ferry.pools")
         if group.count > 1:
             raise _fail(path, f"instance_group[{i}].count",
                         "a worker runs one instance of each model; scale with more workers "
@@ -337,10 +358,11 @@ def load_model_settings(model_dir: Path, model_file: Path) -> ModelSettings:
             known = "; ".join(f"{k}: {v}" for k, v in KNOWN_PARAMETERS.items())
             raise _fail(path, f"parameters[{key!r}]", f"unknown parameter (known: {known})")
         params[key] = value.string_value
-    pool = params.get(PARAM_POOL, "cpu")
-    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,62}", pool):
-        raise _fail(path, f"parameters[{PARAM_POOL!r}]",
-                    f"{pool!r} is not a valid pool name (lowercase letters, digits, '-', '_')")
+    gpu_group = any(g.kind == mc.ModelInstanceGroup.KIND_GPU for g in config.instance_group)
+    pools = _pools(path, params.get(PARAM_POOLS, "gpu" if gpu_group else "cpu"))
+    dynamic = params.get(PARAM_NEURON_DYNAMIC_BATCH, "false").strip().lower()
+    if dynamic not in ("true", "false"):
+        raise _fail(path, f"parameters[{PARAM_NEURON_DYNAMIC_BATCH!r}]", f"{dynamic!r} is not true or false")
     batch_sizes = _batch_sizes(path, params[PARAM_BATCH_SIZES], max_batch) if PARAM_BATCH_SIZES in params else ()
 
     graph_in, graph_out = _onnx_io(model_file)
@@ -368,11 +390,34 @@ def load_model_settings(model_dir: Path, model_file: Path) -> ModelSettings:
         outputs=tuple(outputs),
         max_queue_delay_us=int(db.max_queue_delay_microseconds),
         preferred_batch_sizes=preferred,
-        pool=pool,
+        pools=pools,
         config=completed,
         priority_levels=priority_levels,
         default_priority_level=default_priority,
         queue_policy=queue_policy,
         static_batch_sizes=batch_sizes,
         shape_buckets=buckets,
+        neuron_dynamic_batch=dynamic == "true",
     )
+
+
+def _pools(path: Path, spec: str) -> tuple[PoolChoice, ...]:
+    """``ferry.pools``: ``name[=cost]`` items, comma-separated; cheapest first (ties by name)."""
+    field = f"parameters[{PARAM_POOLS!r}]"
+    seen: dict[str, float] = {}
+    for item in (x.strip() for x in spec.split(",")):
+        if not item:
+            raise _fail(path, field, f"{spec!r}: an empty item; use name=cost,name=cost")
+        name, _, cost_text = (x.strip() for x in item.partition("="))
+        if not re.fullmatch(POOL_NAME_RE, name):
+            raise _fail(path, field, f"{name!r} is not a valid pool name (lowercase letters, digits, '-', '_')")
+        if name in seen:
+            raise _fail(path, field, f"pool {name!r} is listed twice")
+        try:
+            cost = float(cost_text) if cost_text else DEFAULT_POOL_COST
+        except ValueError:
+            raise _fail(path, field, f"pool {name!r}: cost {cost_text!r} is not a number") from None
+        if not (cost >= 0 and cost != float("inf")):
+            raise _fail(path, field, f"pool {name!r}: cost {cost_text!r} must be a finite number >= 0")
+        seen[name] = cost
+    return tuple(sorted((PoolChoice(n, c) for n, c in seen.items()), key=lambda p: (p.cost, p.name)))

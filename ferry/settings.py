@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import socket
 import uuid
 from collections.abc import Mapping
@@ -108,9 +109,14 @@ class BrokerSettings(CommonSettings):
         "max_queue_delay_microseconds in config.pbtxt (-1: use each model's config)"
     )
     gather_us: int = knob(
-        2000, "with batch_window=adaptive, the longest a partial batch waits for batch-mates while a "
-        "worker is free, used only while at least 2 more requests are expected within it (0: never "
-        "keep a free worker waiting)"
+        0, "with batch_window=adaptive, the longest a partial batch also waits for batch-mates while a "
+        "worker is free, used only while at least 2 more requests are expected within it. Trades "
+        "latency for bigger batches; 0 (default): a free worker never waits"
+    )
+    no_worker_grace_s: float = knob(
+        2.0, "how long requests of a model wait when none of its pools has a live worker (a worker "
+        "restarting) before they fail with UNAVAILABLE; batches on a pool that lost every worker move "
+        "to another pool of their model at once"
     )
     pool_depth: int = knob(
         2, "batches per live worker a pool's stream may hold (one running, the next ready); the rest "
@@ -126,6 +132,8 @@ class BrokerSettings(CommonSettings):
         super().__post_init__()
         if self.batch_window not in ("adaptive", "fixed"):
             raise ConfigError(f"batch_window {self.batch_window!r} must be 'adaptive' or 'fixed'")
+        if self.no_worker_grace_s < 0:
+            raise ConfigError("no_worker_grace_s must be >= 0")
         if self.gather_us < 0:
             raise ConfigError("gather_us must be >= 0")
         if self.pool_depth < 1:
@@ -138,28 +146,86 @@ class BrokerSettings(CommonSettings):
             object.__setattr__(self, "broker_id", _instance_id())
 
 
+# What each pool name runs by default; a custom pool names its runtime with --runtime.
+DEFAULT_RUNTIMES = {"cpu": "onnx-cpu", "gpu": "onnx-gpu", "neuron": "neuron"}
+RUNTIMES = ("onnx-cpu", "onnx-gpu", "neuron")
+POOL_NAME_RE = r"[a-z0-9][a-z0-9_-]{0,62}"
+ARENA_STRATEGIES = ("kNextPowerOfTwo", "kSameAsRequested")
+
+
 @dataclass(frozen=True)
 class WorkerSettings(CommonSettings):
-    pool: str = knob("cpu", "pool this worker serves; it runs every model whose ferry.pool is this pool")
+    pool: str = knob(
+        "cpu", "pool this worker serves (cpu, gpu, neuron or a custom name); it runs every model whose "
+        "ferry.pools lists this pool"
+    )
+    runtime: str = knob(
+        "", "onnx-cpu, onnx-gpu or neuron (default: onnx-cpu for pool cpu, onnx-gpu for gpu, neuron "
+        "for neuron; a custom pool must name one)"
+    )
     worker_id: str = knob("", "unique id of this worker in Redis (default: host-pid-random)")
     intra_op_threads: int = knob(1, "onnxruntime intra-op threads per session (0 = one per core)")
+    inter_op_threads: int = knob(
+        1, "onnxruntime inter-op threads per session; with intra_op_threads, keeps several workers on "
+        "one host from oversubscribing its cores"
+    )
     coalesce: int = knob(
         4, "most queued batches a worker claims in one read, merging those of one model into one run"
     )
-
     compute_thread: bool = knob(
         False, "run the model on a thread of its own instead of the event loop: costs a thread hand-off "
         "per batch, but keeps heartbeats on time when one batch takes longer than about a second"
     )
+    # --- onnx-gpu (onnxruntime-gpu) ---
+    device_id: int = knob(0, "onnx-gpu: CUDA device this worker uses (one worker per device is typical)")
+    gpu_mem_limit_mb: int = knob(0, "onnx-gpu: CUDA memory arena limit in MiB (0 = no limit)")
+    arena_extend_strategy: str = knob(
+        "kNextPowerOfTwo", "onnx-gpu: how the CUDA arena grows: kNextPowerOfTwo or kSameAsRequested"
+    )
+    tensorrt: bool = knob(
+        False, "onnx-gpu: put onnxruntime's TensorrtExecutionProvider ahead of CUDA (needs TensorRT libraries)"
+    )
+    trt_fp16: bool = knob(False, "onnx-gpu with tensorrt: allow FP16 kernels")
+    trt_engine_cache_path: str = knob(
+        "", "onnx-gpu with tensorrt: directory that caches built engines across restarts (empty = no cache)"
+    )
+    cuda_graph: bool = knob(
+        False, "onnx-gpu: capture the model as a CUDA graph and replay it (static shapes only: the model "
+        "needs ferry.batch_sizes with a single size)"
+    )
+    # --- neuron (AWS Inferentia / Trainium, torch-neuronx) ---
+    neuron_cores: str = knob(
+        "", "neuron: NeuronCores this worker may use, as NEURON_RT_VISIBLE_CORES takes them ('0', '0-1', "
+        "'2,3'); empty = leave the Neuron runtime's default"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.pool != "cpu":
-            raise ConfigError(f"pool {self.pool!r}: only the 'cpu' pool is implemented so far")
+        if not re.fullmatch(POOL_NAME_RE, self.pool):
+            raise ConfigError(f"pool {self.pool!r} is not a valid pool name (lowercase letters, digits, '-', '_')")
+        runtime = self.runtime or DEFAULT_RUNTIMES.get(self.pool, "")
+        if not runtime:
+            raise ConfigError(
+                f"pool {self.pool!r} is a custom pool: say which runtime it runs with --runtime "
+                f"({', '.join(RUNTIMES)})"
+            )
+        if runtime not in RUNTIMES:
+            raise ConfigError(f"runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
+        object.__setattr__(self, "runtime", runtime)
         if self.intra_op_threads < 0:
             raise ConfigError("intra_op_threads must be >= 0")
+        if self.inter_op_threads < 0:
+            raise ConfigError("inter_op_threads must be >= 0")
         if self.coalesce < 1:
             raise ConfigError("coalesce must be >= 1")
+        if self.device_id < 0:
+            raise ConfigError("device_id must be >= 0")
+        if self.gpu_mem_limit_mb < 0:
+            raise ConfigError("gpu_mem_limit_mb must be >= 0 (0 = no limit)")
+        if self.arena_extend_strategy not in ARENA_STRATEGIES:
+            raise ConfigError(f"arena_extend_strategy must be one of {', '.join(ARENA_STRATEGIES)}")
+        if self.neuron_cores and not re.fullmatch(r"\d+(-\d+)?", self.neuron_cores):
+            raise ConfigError(f"neuron_cores {self.neuron_cores!r}: use one core or a range, e.g. 2 or 0-1")
         if not self.worker_id:
             object.__setattr__(self, "worker_id", _instance_id())
 

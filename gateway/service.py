@@ -112,7 +112,7 @@ class InferenceService:
             models.append(pb.RepositoryIndexResponse.ModelIndex(
                 name=mv.name, version=str(mv.version),
                 state="READY" if live else "UNAVAILABLE",
-                reason="" if live else f"no live worker in pool {mv.settings.pool!r}",
+                reason="" if live else f"no live worker in pool(s) {', '.join(mv.settings.pool_names)}",
             ))
         return pb.RepositoryIndexResponse(models=models)
 

@@ -32,7 +32,7 @@ class Cluster:
     """Broker, worker(s) and gateway as separate processes against one Redis."""
 
     def __init__(self, repo: Path, logdir: Path, *, workers: int = 1, gateway_args: tuple[str, ...] = (),
-                 broker_args: tuple[str, ...] = ()) -> None:
+                 broker_args: tuple[str, ...] = (), worker_args: tuple[tuple[str, ...], ...] = ()) -> None:
         self.repo = repo
         self.logdir = logdir
         self.redis: RedisServer = start_redis()
@@ -44,6 +44,8 @@ class Cluster:
         self.spawn("broker", *broker_args)
         for _ in range(workers):
             self.spawn("worker")
+        for args in worker_args:  # one more worker for each, e.g. ("--pool", "gpu")
+            self.spawn("worker", *args)
         self.spawn("gateway", "--grpc-port", str(self.port), "--host", "127.0.0.1", *gateway_args)
         self.wait_ready()
 

@@ -76,7 +76,11 @@ CASES = {
     "param": ('max_batch_size: 4\nparameters { key: "foo" value { string_value: "1" } }\n', "parameters['foo']"),
     "version": ('max_batch_size: 4\nversion_policy { specific { versions: [7] } }\n', "versions [7]"),
     "delay": ('max_batch_size: 0\ndynamic_batching { }\n', "dynamic_batching: requires max_batch_size"),
-    "kind": ('max_batch_size: 4\ninstance_group [{ kind: KIND_GPU }]\n', "instance_group[0].kind"),
+    "kind": ('max_batch_size: 4\ninstance_group [{ kind: KIND_MODEL }]\n', "instance_group[0].kind"),
+    "pools": ('max_batch_size: 4\nparameters { key: "ferry.pools" value { string_value: "cpu=x" } }\n',
+              "cost 'x' is not a number"),
+    "pools-twice": ('max_batch_size: 4\nparameters { key: "ferry.pools" value { string_value: "cpu,cpu=2" } }\n',
+                    "listed twice"),
     "count": ('max_batch_size: 4\ninstance_group [{ kind: KIND_CPU count: 2 }]\n', "scale with more workers"),
 }
 

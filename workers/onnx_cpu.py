@@ -13,17 +13,19 @@ from workers.runtime import Arrays
 
 
 class OnnxCpuRuntime:
-    def __init__(self, mv: ModelVersion, *, intra_op_threads: int) -> None:
+    devices = ["cpu"]
+
+    def __init__(self, mv: ModelVersion, *, intra_op_threads: int, inter_op_threads: int = 1) -> None:
         bf16 = [t.name for t in (*mv.settings.inputs, *mv.settings.outputs) if t.dtype.name == "BF16"]
         if bf16:
             # The protocol carries BF16 (raw only), but onnxruntime's Python API has no
             # numpy type for it: outputs cannot be read back. Refuse at load, not per call.
             raise ConfigError(f"{mv.model_file}: tensors {bf16} are BF16, which the onnxruntime CPU pool cannot serve")
         opts = ort.SessionOptions()
-        # Several workers may share a host: one inter-op thread and an explicit
-        # intra-op count keep them from oversubscribing the cores.
+        # Several workers may share a host: explicit thread counts (one each by default)
+        # keep them from oversubscribing the cores.
         opts.intra_op_num_threads = intra_op_threads
-        opts.inter_op_num_threads = 1
+        opts.inter_op_num_threads = inter_op_threads
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:

@@ -18,7 +18,6 @@ when the broker's window is short.  Entries that do not fit are run next.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import socket
 import time
@@ -27,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from broker import keys, scripts
-from broker.messages import Member, Stat, done_notice, encode_reply, parse_batch
+from broker.messages import Member, Stat, WorkerInfo, done_notice, encode_reply, model_label, parse_batch
 from ferry.errors import Code
 from ferry.redis_conn import REDIS_DOWN, connect, ensure_group
 from ferry.repository import Repository
@@ -62,7 +61,7 @@ class Worker:
         self.done_channel = keys.done_channel(settings.pool)
         self.models: dict[tuple[str, int], BatchRunner] = {}
         for mv in repo.all_versions():
-            if mv.settings.pool == settings.pool:
+            if settings.pool in mv.settings.pool_names:
                 self.models[mv.key] = BatchRunner(mv, load_runtime(settings, mv))
         self.redis = connect(settings.redis_url, settings.redis_timeout_s)
         self._reads = RespClient(settings.redis_url, settings.redis_timeout_s + READ_BLOCK_MS / 1000)
@@ -74,6 +73,7 @@ class Worker:
             asyncio.Queue(4)
         )
         self.batches_run = 0
+        self._profile: dict[tuple[str, int], dict[int, float]] = defaultdict(dict)
         # Statistics accumulate here and reach Redis every STATS_FLUSH_S, not per batch.
         self._stats: dict[tuple[str, int], dict[str, int]] = defaultdict(lambda: defaultdict(int))
 
@@ -172,6 +172,8 @@ class Worker:
         commands = self._reply_commands(ids, result)
         # Rows 0 (nothing ran): the notice only frees room in the pool; the broker learns nothing from it.
         took = time.perf_counter_ns() - started if result.rows_run else 0
+        if took:
+            self._observe_latency((first.model, first.version), result.rows_run, took / 1e9)
         commands.append(["PUBLISH", self.done_channel, done_notice(first.model, first.version, result.rows_run,
                                                                    took, ids)])
         # Replies hit the socket now, before the next read; the writer only waits for
@@ -247,15 +249,28 @@ class Worker:
                 log.exception("writing statistics failed")
 
     def _description(self) -> bytes:
-        return json.dumps({
-            "pool": self.settings.pool,
-            "host": socket.gethostname(),
-            "models": [[n, v] for n, v in self.models],
-        }).encode()
+        devices = sorted({d for runner in self.models.values() for d in runner.runtime.devices})
+        labels = {key: model_label(*key) for key in self.models}
+        return WorkerInfo(
+            pool=self.settings.pool, runtime=self.settings.runtime, host=socket.gethostname(), devices=devices,
+            models=list(self.models),
+            batch_sizes={labels[k]: list(r.mv.settings.static_batch_sizes) for k, r in self.models.items()},
+            max_batch={labels[k]: r.mv.settings.max_batch_size for k, r in self.models.items()},
+            profile={labels[k]: {str(rows): round(ms, 3) for rows, ms in sorted(p.items())}
+                     for k, p in self._profile.items()},
+            batches=self.batches_run,
+        ).encode()
+
+    def _observe_latency(self, model_key: tuple[str, int], rows: int, seconds: float) -> None:
+        """The batch-latency profile the worker publishes: a moving average per power-of-two size."""
+        bucket = 1 << max(0, rows - 1).bit_length()
+        per = self._profile[model_key]
+        ms = seconds * 1000
+        per[bucket] = ms if bucket not in per else 0.8 * per[bucket] + 0.2 * ms
 
     async def _heartbeat(self) -> None:
-        info = self._description()
         while True:
+            info = self._description()
             now_ms = int(time.time() * 1000)
             try:
                 pipe = self.redis.pipeline(transaction=False)
