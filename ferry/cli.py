@@ -25,6 +25,26 @@ def _add_settings(parser: argparse.ArgumentParser, cls: type[cfg.CommonSettings]
             parser.add_argument(flag, dest=f.name, default=None, help=text, metavar=f.name.upper())
 
 
+# WorkerSettings knobs `ferry profile` passes through to the runtimes it loads.
+PROFILE_KNOBS = (
+    "intra_op_threads", "inter_op_threads", "device_id", "gpu_mem_limit_mb", "arena_extend_strategy",
+    "tensorrt", "trt_fp16", "trt_engine_cache_path", "cuda_graph", "neuron_cores",
+)
+
+
+def _add_worker_knobs(parser: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
+    """The WorkerSettings flags ``ferry profile`` passes to the runtimes, with their worker help."""
+    fields = {f.name: f for f in dataclasses.fields(cfg.WorkerSettings)}
+    for name in names:
+        f = fields[name]
+        flag = "--" + name.replace("_", "-")
+        text = f"{f.metadata['help']} [env {cfg.ENV_PREFIX + name.upper()}; default: {f.default}]"
+        if f.type == "bool":
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            parser.add_argument(flag, dest=name, default=None, help=text, metavar=name.upper())
+
+
 def _settings(cls: type[cfg.S], ns: argparse.Namespace) -> cfg.S:
     names = {f.name for f in dataclasses.fields(cls)}
     return cfg.build(cls, {k: v for k, v in vars(ns).items() if k in names})
@@ -125,6 +145,35 @@ def parser() -> argparse.ArgumentParser:
     ex.add_argument("--hidden", type=int, default=1024,
                     help="width of the two hidden layers (default 1024; 4096 makes the model, not the "
                     "gateway, the bottleneck of a small machine, for overload benchmarks)")
+    pr = sub.add_parser(
+        "profile", help="measure a model on each of its pools and plan the cheapest pool mix",
+        description="Measure one worker of each pool in the model's ferry.pools (a batch-size sweep, the "
+        "runtime called in-process: no RPC or queueing) and print throughput, batch latency and cost per "
+        "million inferences; with --target-rps, the cheapest workers per pool that carry it (docs/profile.md).",
+    )
+    pr.add_argument("--model-repository", dest="model_repository", type=Path, default=None,
+                    help="model repository [env FERRY_MODEL_REPOSITORY; default: models]")
+    pr.add_argument("--model", default=None, help="model name (default: the repository's only model)")
+    pr.add_argument("--version", default="", help="model version (default: latest)")
+    pr.add_argument("--batch-sizes", default=None, metavar="N,N,...",
+                    help="batch sizes to measure (default: the model's ferry.batch_sizes, else powers of two "
+                    "up to max_batch_size; 1 for an unbatched model)")
+    pr.add_argument("--seconds", type=float, default=2.0, help="measuring time per pool and batch size (default 2)")
+    pr.add_argument("--pools", default=None, metavar="POOL,POOL",
+                    help="profile only these of the model's ferry.pools (default: all of them)")
+    pr.add_argument("--pool-runtime", action="append", default=[], metavar="POOL=RUNTIME",
+                    help="runtime for a pool (repeatable; default: cpu onnx-cpu, gpu onnx-gpu, neuron neuron, "
+                    "a custom pool onnx-cpu)")
+    pr.add_argument("--dim", action="append", default=[], metavar="INPUT=SIZE",
+                    help="size of an input's variable (-1) dims (repeatable; default 1)")
+    pr.add_argument("--target-rps", type=float, default=None,
+                    help="plan the cheapest workers that carry this many inferences/s")
+    pr.add_argument("--p99-ms", type=float, default=None,
+                    help="with --target-rps: bound on one batch's p99 latency in ms (default: none)")
+    pr.add_argument("--plot", type=Path, default=None,
+                    help="write throughput and p99 against batch size here (.svg, .png; needs matplotlib)")
+    pr.add_argument("--json", type=Path, default=None, help="write every figure as JSON here")
+    _add_worker_knobs(pr, PROFILE_KNOBS)
     return p
 
 
@@ -147,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
             from ferry.example_model import write_repository
 
             print(write_repository(ns.path, hidden=ns.hidden))
+        elif ns.command == "profile":
+            from workers.profile import main as profile
+
+            return profile(ns)
     except ConfigError as exc:
         print(f"ferry {ns.command}: error: {exc.message}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ hears as any subscriber would.
 from __future__ import annotations
 
 import signal
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -121,6 +122,10 @@ def _finish(cluster: Cluster, notices: list[DoneNotices]) -> None:
     cluster.close()
 
 
+def _worker_of(cluster: Cluster, pool: str) -> subprocess.Popen[bytes]:
+    return next(p for role, p in cluster.procs if role == "worker" and pool in p.args)
+
+
 def _wait_live(cluster: Cluster, pool: str, count: int, within_s: float = 10.0) -> None:
     r = cluster.redis_client()
     deadline = time.monotonic() + within_s
@@ -162,7 +167,7 @@ def test_a_pool_that_loses_every_worker_hands_its_traffic_to_the_other(repo: Pat
     cluster = _cluster(repo, tmp_path, CHEAP, PRICEY)
     try:
         _wait_live(cluster, "pricey", 1)
-        cheap = next(p for role, p in cluster.procs if role == "worker" and "cheap" in p.args)
+        cheap = _worker_of(cluster, "cheap")
         results: list[str] = []
         loader = threading.Thread(target=lambda: results.extend(_load(cluster, 300, 8, timeout_s=30)))
         loader.start()
@@ -185,7 +190,7 @@ def test_a_model_without_a_live_worker_fails_with_unavailable(repo: Path, tmp_pa
     try:
         c = cluster.client()
         assert _infer(c, "lonely", 1.0) >= 0
-        cheap = next(p for role, p in cluster.procs if role == "worker" and "cheap" in p.args)
+        cheap = _worker_of(cluster, "cheap")
         cheap.send_signal(signal.SIGKILL)
         killed = time.monotonic()
         # Keep asking: first the requests wait for the dead worker (its heartbeat has 3 s to
@@ -209,7 +214,7 @@ def test_a_worker_joining_under_load_takes_work_within_a_second(repo: Path, tmp_
     cluster = _cluster(repo, tmp_path, PRICEY, CHEAP)
     try:
         _wait_live(cluster, "cheap", 1)
-        cheap = next(p for role, p in cluster.procs if role == "worker" and "cheap" in p.args)
+        cheap = _worker_of(cluster, "cheap")
         cheap.send_signal(signal.SIGTERM)  # the cheap pool scales to 0...
         assert cheap.wait(30) == 0
         _wait_live(cluster, "cheap", 0)
