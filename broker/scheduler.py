@@ -403,9 +403,13 @@ class ModelScheduler:
         if self.window_s is not None or not self.live:
             return 0.0
         oldest = self._fifo[0][1].arrived
-        hold = release_at - oldest
         if self.gather_s > 0 and self.rate * self.gather_s >= GATHER_ARRIVALS:
-            hold = max(hold, self.gather_s)
+            # Under load, the window alone, as a fixed window: holding for a busy worker on top
+            # would leave its stream empty when it frees up (no next batch ready), and near
+            # saturation that idle gap cost more than the bigger batch saved.
+            hold = self.gather_s
+        else:
+            hold = release_at - oldest
         urgent = self.next_check()
         if urgent is not None:
             hold = min(hold, urgent - oldest)

@@ -109,9 +109,10 @@ class BrokerSettings(CommonSettings):
         "max_queue_delay_microseconds in config.pbtxt (-1: use each model's config)"
     )
     gather_us: int = knob(
-        0, "with batch_window=adaptive, the longest a partial batch also waits for batch-mates while a "
-        "worker is free, used only while at least 2 more requests are expected within it. Trades "
-        "latency for bigger batches; 0 (default): a free worker never waits"
+        2000, "with batch_window=adaptive, the batching window under load: while at least 2 more requests "
+        "are expected within it (measured arrival rate) a partial batch waits this long, as a fixed "
+        "window would; below that rate it leaves just in time for a worker. 0: never wait for a free "
+        "worker (better closed-loop throughput at moderate concurrency, worse tail latency under load)"
     )
     no_worker_grace_s: float = knob(
         2.0, "how long requests of a model wait when none of its pools has a live worker (a worker "
