@@ -26,15 +26,14 @@ a request that could not finish even alone is rejected as soon as that is
 true (``expire``), not when its deadline passes.  A queue timeout (Triton's
 queue policy) rejects or delays a request that waited too long.
 
-When.  ``adaptive`` (window None): a batch goes out just in time for a
-worker to take it.  The broker knows what it handed the pool and how long each
-batch should compute; a partial batch leaves at once while a worker is idle,
-and otherwise gathers until the first worker is expected to be free, less the
-hop to reach it (``hold_for``).  Holding then costs nobody anything (the batch
-could not start earlier) and everything that arrives meanwhile rides along:
-at low load nobody waits, and under load batches grow with the load.  An
-optional gather window (``gather_s``) also holds a batch for a free worker
-while arrivals are frequent enough to fill it.
+When.  ``adaptive`` (window None) follows the load.  Below ``GATHER_ARRIVALS``
+expected arrivals per ``gather_s``, a batch goes out just in time for a
+worker: the broker knows what it handed the pool and how long each batch
+should compute, so a partial batch leaves at once while a worker is idle and
+otherwise gathers until the first one is expected to be free, less the hop to
+reach it (``hold_for``) -- a wait that costs nobody anything.  Under load it is
+the gather window, as a fixed window: holding for a busy worker on top left
+the worker's stream empty when it freed up.
 ``fixed`` (window W): as Triton's dynamic batcher, a partial batch waits
 until its oldest request has waited W (kept for reproducible comparisons).
 """
@@ -394,12 +393,11 @@ class ModelScheduler:
     def hold_for(self, release_at: float) -> float:
         """How long an adaptive partial batch may gather, counted from its oldest request's arrival.
 
-        Until ``release_at``, when a worker is expected to be free to take it (the caller knows the
-        pool): waiting for a busy worker costs nothing.  While requests arrive often enough that at
-        least ``GATHER_ARRIVALS`` more are expected within ``gather_s``, at least ``gather_s`` even
-        if a worker is free: under load, bigger batches cost less CPU per request, and on a shared
-        host that CPU is what the gateway and Redis need.  Never so long that the most urgent
-        request would have to be rejected instead."""
+        While fewer than ``GATHER_ARRIVALS`` more requests are expected within ``gather_s``: until
+        ``release_at``, when a worker is expected to be free to take it (the caller knows the pool;
+        -inf when one is idle), since waiting for a busy worker costs nothing.  Otherwise
+        ``gather_s``, as a fixed window.  Never so long that the most urgent request would have to
+        be rejected instead."""
         if self.window_s is not None or not self.live:
             return 0.0
         oldest = self._fifo[0][1].arrived
