@@ -17,6 +17,7 @@ from typing import Any
 from broker import keys
 from broker.messages import WorkerInfo
 from ferry.errors import FerryError, Unavailable
+from ferry.lifecycle import cancel_all
 from ferry.redis_conn import REDIS_DOWN, unavailable
 from ferry.repository import ModelVersion
 
@@ -44,8 +45,7 @@ class LiveWorkers:
 
     async def close(self) -> None:
         if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_all([self._task])
 
     async def refresh(self) -> None:
         now_ms = int(time.time() * 1000)

@@ -59,6 +59,7 @@ from broker.messages import (
 from broker.pools import Choice, Pool, fastest, least_loaded, route
 from broker.scheduler import Entry, LatencyModel, ModelScheduler, Rejection, Request
 from ferry.errors import Code
+from ferry.lifecycle import cancel_all
 from ferry.redis_conn import REDIS_DOWN, connect, ensure_group
 from ferry.repository import ModelVersion, Repository
 from ferry.resp import RespClient, RespError, stream_entries
@@ -154,9 +155,7 @@ class Broker:
         try:
             await self._reader()
         finally:
-            for t in self._tasks:
-                t.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await cancel_all(self._tasks)
             await self.live.close()
             # Graceful stop: what was read goes out now rather than waiting for a reclaim.
             try:

@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 log = logging.getLogger("ferry")
@@ -42,6 +42,26 @@ def setup_logging(level: str, as_json: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+async def cancel_all(tasks: Iterable[asyncio.Task[Any]], *, retry_s: float = 0.1, give_up_s: float = 5.0) -> None:
+    """Cancel background tasks and wait until they are gone.
+
+    One ``cancel()`` is not always enough: redis-py can turn a cancellation that
+    lands inside a command into a connection error, which a retry loop then
+    survives, and a plain ``gather`` would wait for it forever (seen: a broker and
+    a worker that never stopped).  So cancel again until each task is done, and
+    after ``give_up_s`` log what is left and leave it to process exit.
+    """
+    pending = {t for t in tasks if not t.done()}
+    deadline = time.monotonic() + give_up_s
+    while pending:
+        for t in pending:
+            t.cancel()
+        _, pending = await asyncio.wait(pending, timeout=retry_s)
+        if pending and time.monotonic() > deadline:
+            log.error("tasks %s did not stop when cancelled; leaving them", sorted(t.get_name() for t in pending))
+            return
 
 
 def _dump_tasks() -> None:

@@ -32,6 +32,7 @@ from typing import Any
 from broker import keys, scripts
 from broker.messages import Queued, Stat, cancel_fields, group_fields, iter_replies
 from ferry.errors import DeadlineExceeded, FerryError, ResourceExhausted, Unavailable
+from ferry.lifecycle import cancel_all
 from ferry.redis_conn import REDIS_DOWN, connect, unavailable
 from ferry.repository import ModelVersion
 from ferry.resp import RespClient
@@ -111,9 +112,7 @@ class Dispatcher:
             await self._heartbeat_once()
 
     async def close(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_all(self._tasks)
         try:
             # Alive first: from then on workers drop replies instead of pushing them.
             await self.redis.delete(self.alive_key)

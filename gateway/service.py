@@ -19,6 +19,7 @@ import grpc
 import ferry
 from broker.liveness import LiveWorkers
 from ferry.errors import FerryError, InvalidArgument, NotFound, Unimplemented
+from ferry.lifecycle import cancel_all
 from ferry.pbwire import len_field
 from ferry.redis_conn import REDIS_DOWN, unavailable
 from ferry.repository import ModelVersion, Repository
@@ -180,10 +181,7 @@ class InferenceService:
             while (item := await out.get()) is not None:
                 yield item
         finally:
-            read_task.cancel()
-            for t in list(tasks):
-                t.cancel()
-            await asyncio.gather(read_task, *tasks, return_exceptions=True)
+            await cancel_all([read_task, *tasks])
 
     @staticmethod
     def _stream_error(raw: bytes, message: str) -> bytes:

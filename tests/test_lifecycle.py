@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
 from ferry.cluster import free_port
+from ferry.lifecycle import cancel_all
 from tests.conftest import Cluster
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,3 +113,25 @@ def test_cluster_recovers_when_redis_loses_its_data(repo: Path, tmp_path: Path) 
         assert all(code == 0 for group in codes.values() for code in group), f"{codes}\n{c.logs()}"
     finally:
         c.close()
+
+
+def test_cancel_all_outlasts_a_task_that_swallows_its_cancellation() -> None:
+    """What redis-py can do to a retry loop: the cancellation arrives as a connection error."""
+    swallowed = []
+
+    async def stubborn() -> None:
+        while True:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                if swallowed:
+                    raise
+                swallowed.append(True)  # survives the first cancel, as a caught ConnectionError would
+
+    async def main() -> bool:
+        task = asyncio.create_task(stubborn(), name="stubborn")
+        await asyncio.sleep(0)
+        await asyncio.wait_for(cancel_all([task]), 5)
+        return task.cancelled()
+
+    assert asyncio.run(main()) and swallowed == [True]

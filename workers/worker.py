@@ -28,6 +28,7 @@ from typing import Any
 from broker import keys, scripts
 from broker.messages import Member, Stat, WorkerInfo, done_notice, encode_reply, model_label, parse_batch
 from ferry.errors import Code
+from ferry.lifecycle import cancel_all
 from ferry.redis_conn import REDIS_DOWN, connect, ensure_group
 from ferry.repository import Repository
 from ferry.resp import RespClient, RespError, stream_entries
@@ -111,9 +112,7 @@ class Worker:
                 log.error("%d reply writes still unconfirmed after %.0fs; exiting, their batches stay pending",
                           self._outbox.qsize() + 1, self.settings.grace_s)
         finally:
-            for task in (writer, heartbeat, stats):
-                task.cancel()
-            await asyncio.gather(writer, heartbeat, stats, return_exceptions=True)
+            await cancel_all([writer, heartbeat, stats])
             await self._flush_stats()
             await self._unregister()
             self._compute.shutdown(wait=True)
