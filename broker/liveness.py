@@ -35,7 +35,6 @@ class LiveWorkers:
         self.on_refresh: Callable[[Counter[tuple[str, int]]], Awaitable[None]] | None = None
         self._served: Counter[tuple[str, int]] = Counter()
         self.pools: Counter[str] = Counter()  # live workers per pool
-        self.workers: dict[str, WorkerInfo] = {}  # live workers by id
         self._error: FerryError | None = Unavailable("the worker registry has not been read yet")
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -64,17 +63,15 @@ class LiveWorkers:
             return
         served: Counter[tuple[str, int]] = Counter()
         pools: Counter[str] = Counter()
-        workers: dict[str, WorkerInfo] = {}
-        for wid, raw in zip(ids, infos, strict=True):
+        for raw in infos:
             if raw is not None:
                 info = WorkerInfo.decode(raw)
-                workers[wid.decode()] = info
                 pools[info.pool] += 1
                 for key in info.models:
                     served[key] += 1
         if self.on_refresh is not None:
             await self.on_refresh(served)
-        self._served, self.pools, self.workers, self._error = served, pools, workers, None
+        self._served, self.pools, self._error = served, pools, None
 
     async def _loop(self) -> None:
         while True:

@@ -36,11 +36,9 @@ class Pool:
     # Dispatch-to-done time beyond compute and waiting for a worker: the Redis hops and the
     # worker's own reading and replying.  An adaptive batch leaves this much before a worker frees.
     hop: float = 0.0
-    batches: int = 0  # batches this broker put on the stream, for logs and tests
 
     def dispatched(self, entry_id: bytes, at: float, rows: int, compute: float, workers: int,
                    model: bytes) -> None:
-        self.batches += 1
         if self.early.pop(entry_id, None) is None:
             start = max(at, self.free_at(workers, at, []))
             self.unfinished[entry_id] = (at, rows, compute, start, model)

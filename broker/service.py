@@ -62,7 +62,7 @@ from ferry.errors import Code
 from ferry.lifecycle import cancel_all
 from ferry.redis_conn import REDIS_DOWN, connect, ensure_group
 from ferry.repository import ModelVersion, Repository
-from ferry.resp import RespClient, RespError, stream_entries
+from ferry.resp import RespClient, RespError, range_entries, stream_entries
 from ferry.settings import BrokerSettings
 
 log = logging.getLogger("ferry.broker")
@@ -441,16 +441,16 @@ class Broker:
         wanted = [(pool, entry_id) for pool in dead for entry_id in pool.unfinished]
         found = await self._writes.execute([["XRANGE", pool.stream, entry_id, entry_id] for pool, entry_id in wanted])
         commands: list[list[bytes | str | int]] = []
-        moved: list[tuple[Pool, bytes, int, float, bytes]] = []
+        moved: list[tuple[Pool, int, float, bytes]] = []
         failed: list[tuple[str, bytes]] = []
-        for (pool, entry_id), entries in zip(wanted, found, strict=True):
+        for (pool, entry_id), reply in zip(wanted, found, strict=True):
+            entries = range_entries(reply)
             if not entries:  # finished after all (its notice was lost) or deleted
                 pool.unfinished.pop(entry_id, None)
                 continue
-            _, rows, compute, _, model_key = pool.unfinished[entry_id]
+            _, rows, _, _, model_key = pool.unfinished[entry_id]
             model = self._models.get(model_key)
             fields = entries[0][1]
-            fields = dict(zip(fields[::2], fields[1::2], strict=True)) if isinstance(fields, list) else fields
             choice = None if model is None else route(
                 model.options, workers=self._workers, room=self._room, formed=lambda _: (), now=now, urgent=None)
             if choice is not None:
@@ -458,7 +458,8 @@ class Broker:
                 for f, v in fields.items():
                     xadd += (f, v)
                 commands.append(xadd)
-                moved.append((choice.pool, entry_id, rows, compute, model_key))
+                # Its expected compute is the new pool's, not the dead one's.
+                moved.append((choice.pool, rows, choice.latency.compute(rows), model_key))
             elif model is None or (model.unserved_since is not None
                                    and now - model.unserved_since >= self.settings.no_worker_grace_s):
                 message = _no_worker_message(model) if model else "its model is no longer served"
@@ -475,7 +476,7 @@ class Broker:
             return
         replies = await self._writes.execute(commands)
         xadds = iter(r for r, c in zip(replies, commands, strict=True) if c[0] == "XADD")
-        for (pool, _, rows, compute, model_key), new_id in zip(moved, xadds, strict=False):
+        for (pool, rows, compute, model_key), new_id in zip(moved, xadds, strict=False):
             pool.dispatched(new_id, now, rows, compute, self._workers(pool.name), model_key)
         if moved or failed:
             log.warning("pool(s) %s lost every worker: %d batch(es) moved to another pool, %d request(s) "

@@ -213,15 +213,17 @@ def _raise_first_error(replies: list[Any]) -> None:
             raise RespError(text)
 
 
+def range_entries(entries: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """Decode an XRANGE reply (or one stream's part of an XREAD reply) into [(entry id, fields)]."""
+    decoded = []
+    for entry_id, flat in entries or ():
+        if flat is None:
+            continue  # deleted while pending; nothing to deliver
+        it = iter(flat)
+        decoded.append((entry_id, dict(zip(it, it, strict=True))))
+    return decoded
+
+
 def stream_entries(reply: Any) -> list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]:
     """Decode an XREAD/XREADGROUP reply into (stream, [(entry id, fields)])."""
-    result = []
-    for stream, entries in reply or ():
-        decoded = []
-        for entry_id, flat in entries:
-            if flat is None:
-                continue  # deleted while pending; nothing to deliver
-            it = iter(flat)
-            decoded.append((entry_id, dict(zip(it, it, strict=True))))
-        result.append((stream, decoded))
-    return result
+    return [(stream, range_entries(entries)) for stream, entries in reply or ()]
