@@ -19,6 +19,10 @@ a cluster too)::
                                             XDELed once every member has its reply,
                                             so XLEN is the pool's backlog (pending +
                                             undelivered) and KEDA can scale on it.
+    ferry:{p:<pool>}:dead                   STREAM  dead letters: batch entries (one request
+                                            each) that were running every time a worker
+                                            died, N times (workers.recovery), with the
+                                            reason; capped at DEAD_LETTER_MAXLEN entries.
     ferry:{g:<gateway>}:replies             LIST    reply bundles for the calls one gateway
                                             holds, pushed by workers only while the
                                             gateway is alive (broker.scripts.PUSH_REPLY)
@@ -30,6 +34,9 @@ a cluster too)::
                                             score = heartbeat expiry (ms since epoch).
                                             Expired members are pruned by every
                                             heartbeat and every registry read.
+    ferry:brokers                           ZSET    live brokers, as ferry:workers: a broker's
+                                            unacknowledged request entries are claimed
+                                            by another once it is gone (broker.reclaim).
     ferry:worker:<id>                       STRING  the worker's registration (pool, runtime,
                                             devices, models, latency profile:
                                             broker.messages, item 6), same TTL.
@@ -47,6 +54,8 @@ PREFIX = "ferry"
 BROKER_GROUP = "brokers"
 WORKER_GROUP = "workers"
 WORKERS = f"{PREFIX}:workers"
+BROKERS = f"{PREFIX}:brokers"
+DEAD_LETTER_MAXLEN = 1000
 
 # How long an unread reply list outlives its last push: long enough to ride out a
 # gateway's Redis reconnect, short enough that a dead gateway leaves nothing behind.
@@ -74,6 +83,10 @@ def stats_hash(model: str, version: int) -> str:
 
 def pool_stream(pool: str) -> str:
     return f"{PREFIX}:{{p:{pool}}}:batches"
+
+
+def dead_letters(pool: str) -> str:
+    return f"{PREFIX}:{{p:{pool}}}:dead"
 
 
 def reply_list(gateway_id: str) -> str:

@@ -33,6 +33,8 @@ deadlines by as much).
        s        shape key of every member
        h        JSON ``[[gateway id, ...], [gateway index, corr, rows, enqueue ns, deadline ns, ...]]``
        0..n-1   the members' request bytes, in header order
+       f        (optional) worker deaths this batch, or the batch it was split from, was
+                running in (workers.recovery); absent = 0
 
    Payloads stay separate fields, so forming a batch copies no tensor bytes
    in the broker; the worker joins them along the batch dimension once.
@@ -74,6 +76,8 @@ F_MODEL = b"m"
 F_VERSION = b"v"
 F_SHAPE = b"s"
 F_CANCEL = b"c"
+F_FAILURES = b"f"
+F_WHY = b"why"  # dead letters only: why the batch was dead-lettered
 
 GROUP_STRIDE = 4  # corr, rows, deadline ns, timeout ns
 BATCH_STRIDE = 5  # gateway index, corr, rows, enqueue ns, deadline ns
@@ -154,8 +158,11 @@ def parse_group(fields: Fields) -> Group:
     return Group(fields[F_REPLY].decode(), enqueued_ns, level, shape, flat, [fields[_field(i)] for i in range(n)])
 
 
-def batch_fields(model: str, version: int, shape: str, members: Sequence[Member]) -> dict[bytes, bytes]:
+def batch_fields(model: str, version: int, shape: str, members: Sequence[Member],
+                 failures: int = 0) -> dict[bytes, bytes]:
     fields: dict[bytes, bytes] = {F_MODEL: model.encode(), F_VERSION: b"%d" % version, F_SHAPE: shape.encode()}
+    if failures:
+        fields[F_FAILURES] = b"%d" % failures
     gateways: dict[str, int] = {}
     flat: list[int] = []
     for i, m in enumerate(members):
@@ -173,6 +180,10 @@ def parse_batch(fields: Fields) -> tuple[str, int, str, list[Member]]:
         for i, j in enumerate(range(0, len(flat), BATCH_STRIDE))
     ]
     return fields[F_MODEL].decode(), int(fields[F_VERSION]), fields.get(F_SHAPE, b"").decode(), members
+
+
+def batch_failures(fields: Fields) -> int:
+    return int(fields.get(F_FAILURES, b"0"))
 
 
 def done_notice(model: str, version: int, rows: int, compute_ns: int, entry_ids: Sequence[bytes]) -> bytes:

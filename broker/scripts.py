@@ -63,7 +63,20 @@ end
 return left
 """
 
-ALL = (PUSH_REPLY, ENQUEUE, ACK_REQUESTS)
+# Remove a dead process's consumer from a group, but only if it holds no pending entry:
+# XGROUP DELCONSUMER drops a consumer's pending entries with it, and the consumer may
+# have read something since the caller looked (broker.reclaim).
+# KEYS[1] = the stream; ARGV[1] = group, ARGV[2] = consumer
+# Returns 1 when deleted, 0 when it holds entries.
+DROP_CONSUMER = """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then
+  return 0
+end
+redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
+ALL = (PUSH_REPLY, ENQUEUE, ACK_REQUESTS, DROP_CONSUMER)
 PUSH_REPLY_SHA = sha(PUSH_REPLY)
 
 

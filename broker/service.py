@@ -10,7 +10,10 @@ Three tasks share the in-memory schedulers (one event loop, so no locks):
   wakes blocked clients on its ``hz`` tick (100 ms by default), far too
   coarse for batching;
 * the *listener* hears workers announce finished batches (pub/sub), which
-  frees room in their pool and teaches the model's latency model.
+  frees room in their pool and teaches the model's latency model;
+* the *reclaimer* keeps this broker registered in ``keys.BROKERS`` and takes
+  over the request entries of brokers that died before acknowledging them
+  (broker.reclaim), so several brokers can run and any may be killed.
 
 Each batch goes to one of the pools its model may run on (broker.pools.route:
 the cheapest with a live worker and room that can start it in time).
@@ -57,6 +60,7 @@ from broker.messages import (
     parse_group,
 )
 from broker.pools import Choice, Pool, fastest, least_loaded, route
+from broker.reclaim import FORGET_EVERY, ORPHAN_IDLE_MS, RECLAIM_S, claim_orphans, forget_dead_consumers, live_members
 from broker.scheduler import Entry, LatencyModel, ModelScheduler, Rejection, Request
 from ferry.errors import Code
 from ferry.lifecycle import cancel_all
@@ -151,12 +155,15 @@ class Broker:
         self._tasks = [
             asyncio.create_task(self._dispatcher(), name="dispatcher"),
             asyncio.create_task(self._listener(), name="listener"),
+            asyncio.create_task(self._reclaimer(), name="reclaimer"),
         ]
         try:
             await self._reader()
         finally:
             await cancel_all(self._tasks)
             await self.live.close()
+            with contextlib.suppress(*REDIS_DOWN):
+                await self.redis.zrem(keys.BROKERS, self.settings.broker_id)
             # Graceful stop: what was read goes out now rather than waiting for a reclaim.
             try:
                 await self._dispatch(time.monotonic(), drain=True)
@@ -227,6 +234,37 @@ class Broker:
                         timeout_at=now + (timeout_ns - wall) / 1e9 if timeout_ns else math.inf,
                         level=min(g.level, levels - 1), shape=g.shape, payload=g.payloads[i],
                     ), ahead_rows=ahead)
+
+    async def _reclaimer(self) -> None:
+        me = self.settings.broker_id
+        passes = 0
+        while True:
+            try:
+                now_ms = int(time.time() * 1000)
+                await self._writes.execute([["ZADD", keys.BROKERS, now_ms + keys.HEARTBEAT_TTL_MS, me],
+                                            ["ZREMRANGEBYSCORE", keys.BROKERS, "-inf", now_ms]])
+                live = await live_members(self._writes, keys.BROKERS)
+                live.add(me.encode())
+                for stream, model in self._models.items():
+                    claimed = await claim_orphans(self._writes, model.stream, keys.BROKER_GROUP, me, live,
+                                                  ORPHAN_IDLE_MS)
+                    if claimed:
+                        log.warning("took over %d request entr(ies) of %s from dead brokers",
+                                    len(claimed), model.mv.name)
+                        self._take_in([(stream, [(c.entry_id, c.fields) for c in claimed])])
+                        self._kick.set()
+                    if passes % FORGET_EVERY == FORGET_EVERY - 1:
+                        await forget_dead_consumers(self._writes, model.stream, keys.BROKER_GROUP, live,
+                                                    ORPHAN_IDLE_MS)
+            except REDIS_DOWN as exc:
+                log.warning("broker registry: redis unreachable (%s)", exc)
+            except RespError as exc:
+                if not exc.group_lost:
+                    log.exception("reclaiming dead brokers' requests failed; trying again")
+            except Exception:
+                log.exception("reclaiming dead brokers' requests failed; trying again")
+            passes += 1
+            await asyncio.sleep(RECLAIM_S)
 
     @staticmethod
     def _release(model: _Model, req: Request) -> None:

@@ -177,6 +177,15 @@ class WorkerSettings(CommonSettings):
         False, "run the model on a thread of its own instead of the event loop: costs a thread hand-off "
         "per batch, but keeps heartbeats on time when one batch takes longer than about a second"
     )
+    max_attempts: int = knob(
+        3, "a request that was running every time a worker died this many times is dead-lettered with "
+        "INTERNAL instead of retried (a batch is split in halves after 2 deaths, to isolate it); see "
+        "docs/reliability.md"
+    )
+    fault_exit_on_id: str = knob(
+        "", "fault injection, for tests only: the worker kills itself (SIGKILL) when handed a request "
+        "with this id, as a model that crashes its process would; empty = off"
+    )
     # --- onnx-gpu (onnxruntime-gpu) ---
     device_id: int = knob(0, "onnx-gpu: CUDA device this worker uses (one worker per device is typical)")
     gpu_mem_limit_mb: int = knob(0, "onnx-gpu: CUDA memory arena limit in MiB (0 = no limit)")
@@ -219,6 +228,8 @@ class WorkerSettings(CommonSettings):
             raise ConfigError("inter_op_threads must be >= 0")
         if self.coalesce < 1:
             raise ConfigError("coalesce must be >= 1")
+        if self.max_attempts < 1:
+            raise ConfigError("max_attempts must be >= 1")
         if self.device_id < 0:
             raise ConfigError("device_id must be >= 0")
         if self.gpu_mem_limit_mb < 0:

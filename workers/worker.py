@@ -9,6 +9,10 @@ reply is lost; making this exactly-once is the reliability issue's work.)
 A *writer* task waits for Redis to confirm each write and retries it until
 it does.
 
+A *reclaimer* task takes over the batches of workers of the same pool that
+died (broker.reclaim) and decides, per batch, to re-run it, split it or
+dead-letter it (workers.recovery).
+
 When a worker falls behind, batches queue on the pool stream; its next read
 claims up to ``coalesce`` of them at once and merges those of the same model
 into one run (never over max_batch_size), so batch size grows with load even
@@ -19,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import socket
 import time
 from collections import defaultdict
@@ -27,6 +33,7 @@ from typing import Any
 
 from broker import keys, scripts
 from broker.messages import Member, Stat, WorkerInfo, done_notice, encode_reply, model_label, parse_batch
+from broker.reclaim import FORGET_EVERY, ORPHAN_IDLE_MS, RECLAIM_S, claim_orphans, forget_dead_consumers, live_members
 from ferry.errors import Code
 from ferry.lifecycle import cancel_all
 from ferry.redis_conn import REDIS_DOWN, connect, ensure_group
@@ -34,6 +41,7 @@ from ferry.repository import Repository
 from ferry.resp import RespClient, RespError, stream_entries
 from ferry.settings import WorkerSettings
 from workers.batch import BatchResult, BatchRunner
+from workers.recovery import triage
 from workers.runtime import load_runtime
 
 log = logging.getLogger("ferry.worker")
@@ -69,6 +77,8 @@ class Worker:
         self._writes = RespClient(settings.redis_url, settings.redis_timeout_s)
         self._stopping = asyncio.Event()
         self._carry: list[_Claimed] = []
+        self._reclaimed: list[_Claimed] = []  # taken over from dead workers; run before new reads
+        self._fault = _id_marker(settings.fault_exit_on_id) if settings.fault_exit_on_id else b""
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="ferry-compute")
         self._outbox: asyncio.Queue[tuple[list[list[bytes | str | int]], asyncio.Future[list[Any]] | None]] = (
             asyncio.Queue(4)
@@ -87,10 +97,11 @@ class Worker:
         heartbeat = asyncio.create_task(self._heartbeat(), name="heartbeat")
         writer = asyncio.create_task(self._writer(), name="writer")
         stats = asyncio.create_task(self._stats_loop(), name="stats")
+        reclaimer = asyncio.create_task(self._reclaimer(), name="reclaimer")
         log.info("worker %s serving pool %s: %s", self.settings.worker_id, self.settings.pool,
                  ", ".join(f"{n} v{v}" for n, v in self.models) or "no models")
         try:
-            while not self._stopping.is_set() or self._carry:
+            while not self._stopping.is_set() or self._carry or self._reclaimed:
                 try:
                     claimed = await self._claim()
                 except REDIS_DOWN as exc:
@@ -112,7 +123,7 @@ class Worker:
                 log.error("%d reply writes still unconfirmed after %.0fs; exiting, their batches stay pending",
                           self._outbox.qsize() + 1, self.settings.grace_s)
         finally:
-            await cancel_all([writer, heartbeat, stats])
+            await cancel_all([writer, heartbeat, stats, reclaimer])
             await self._flush_stats()
             await self._unregister()
             self._compute.shutdown(wait=True)
@@ -131,6 +142,8 @@ class Worker:
 
     async def _claim(self) -> list[_Claimed]:
         """Claimed batch entries of one model and shape key that together fit in one run."""
+        if not self._carry and self._reclaimed:
+            self._carry, self._reclaimed = self._reclaimed, []
         if not self._carry:
             if self._stopping.is_set():
                 return []
@@ -157,6 +170,10 @@ class Worker:
         ids = [c.entry_id for c in claimed]
         members: list[Member] = [m for c in claimed for m in c.members]
         runner = self.models.get((first.model, first.version))
+        if self._fault and any(self._fault in m.payload for m in members):
+            log.critical("fault injection: request id %r is in this batch; killing this worker",
+                         self.settings.fault_exit_on_id)
+            os.kill(os.getpid(), signal.SIGKILL)
         started = time.perf_counter_ns()
         if runner is None:
             result = BatchResult()
@@ -213,6 +230,33 @@ class Worker:
                 log.exception("writing replies failed; the batch stays pending")
             finally:
                 self._outbox.task_done()
+
+    async def _reclaimer(self) -> None:
+        passes = 0
+        while True:
+            await asyncio.sleep(RECLAIM_S)
+            passes += 1
+            try:
+                await self._reclaim_once(forget=passes % FORGET_EVERY == 0)
+            except REDIS_DOWN as exc:
+                log.warning("reclaiming dead workers' batches: redis unreachable (%s)", exc)
+            except Exception:
+                log.exception("reclaiming dead workers' batches failed; trying again")
+
+    async def _reclaim_once(self, *, forget: bool = False) -> None:
+        live = await live_members(self._writes, keys.WORKERS)
+        live.add(self.settings.worker_id.encode())
+        claimed = await claim_orphans(self._writes, self.stream, keys.WORKER_GROUP, self.settings.worker_id,
+                                      live, ORPHAN_IDLE_MS)
+        if claimed:
+            plan = triage(claimed, self.settings.pool, self.settings.max_attempts)
+            if plan.commands:
+                await self._writes.execute(plan.commands)
+            self._reclaimed += [_Claimed(c.entry_id, c.fields) for c in plan.run]
+            log.warning("took over %d batch(es) of dead workers: %d to run again, %d split, %d dead-lettered",
+                        len(claimed), len(plan.run), plan.split, plan.dead)
+        if forget:
+            await forget_dead_consumers(self._writes, self.stream, keys.WORKER_GROUP, live, ORPHAN_IDLE_MS)
 
     def _add_stats(self, model_key: tuple[str, int], stats: dict[str, int]) -> None:
         totals = self._stats[model_key]
@@ -289,3 +333,11 @@ class Worker:
             await pipe.execute()
         except REDIS_DOWN as exc:
             log.warning("could not unregister (the heartbeat will expire): %s", exc)
+
+
+def _id_marker(request_id: str) -> bytes:
+    """How ``ModelInferRequest.id`` (field 3, a string) appears in a serialized request."""
+    raw = request_id.encode()
+    if len(raw) > 127:
+        raise ValueError("fault_exit_on_id must be at most 127 bytes")
+    return b"\x1a" + bytes([len(raw)]) + raw

@@ -1,0 +1,87 @@
+"""Taking over stream entries whose consumer died: the at-least-once half of delivery.
+
+Brokers read request streams and workers read pool streams through consumer
+groups, so an entry read by a process that then dies stays in the group's
+pending list (PEL) under that process's consumer name.  Each live process
+of the same role periodically looks for pending entries whose consumer is
+not registered as alive (``keys.WORKERS`` for workers, ``keys.BROKERS`` for
+brokers: heartbeat expiry within ``keys.HEARTBEAT_TTL_MS``) and has been
+idle at least ``min_idle_ms``, and claims them with XCLAIM, which is atomic:
+when two processes race for an entry, one gets it.
+
+Claiming by liveness rather than idle time alone means a live process that
+is merely slow (a long batch) never has its work taken and run twice; the
+cost is that a hung but heartbeating process keeps its entries (a worker
+computing on its event loop stops heartbeating when it hangs, so it does
+not hang on to them).
+
+XPENDING reports how many times each entry has been delivered; the caller
+decides what a repeated delivery means (workers split and dead-letter
+batches that keep killing their worker: ``workers.recovery``).
+
+Consumers of dead processes would otherwise stay in the group forever, one
+per restart; ``forget_dead_consumers`` removes those that hold nothing
+(scripts.DROP_CONSUMER checks that atomically).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from broker import scripts
+from ferry.resp import RespClient, range_entries
+
+CLAIM_COUNT = 256  # pending entries looked at per stream and pass
+RECLAIM_S = 1.0  # how often live processes look for orphans
+# An orphan must also be this idle: a process that just started reading may not have
+# registered yet.
+ORPHAN_IDLE_MS = 1000
+FORGET_EVERY = 30  # passes between sweeps of dead consumers
+
+
+@dataclass(slots=True)
+class Claimed:
+    entry_id: bytes
+    deliveries: int  # deliveries before this claim (each ended with its consumer dead)
+    fields: dict[bytes, bytes]
+
+
+async def live_members(client: RespClient, registry: str) -> set[bytes]:
+    """Ids whose heartbeat has not expired in a registry ZSET (score = expiry, ms)."""
+    now_ms = int(time.time() * 1000)
+    return set(await client.call("ZRANGEBYSCORE", registry, now_ms, "+inf"))
+
+
+async def claim_orphans(client: RespClient, stream: str, group: str, consumer: str, live: set[bytes],
+                        min_idle_ms: int) -> list[Claimed]:
+    """Claim for ``consumer`` the pending entries of ``stream`` whose consumer is not in ``live``."""
+    pending = await client.call("XPENDING", stream, group, "IDLE", min_idle_ms, "-", "+", CLAIM_COUNT)
+    orphans = {entry_id: int(deliveries) for entry_id, owner, _idle, deliveries in pending or ()
+               if owner not in live}
+    if not orphans:
+        return []
+    reply = await client.call("XCLAIM", stream, group, consumer, min_idle_ms, *orphans)
+    # An entry deleted while pending comes back as nil (or not at all) and leaves the PEL.
+    return [Claimed(entry_id, orphans[entry_id], fields)
+            for entry_id, fields in range_entries([e for e in reply or () if e is not None])
+            if entry_id in orphans]
+
+
+async def forget_dead_consumers(client: RespClient, stream: str, group: str, live: set[bytes],
+                                min_idle_ms: int) -> int:
+    """Delete the group's consumers that are not alive, idle ``min_idle_ms`` and hold no entries."""
+    dropped = 0
+    for info in await client.call("XINFO", "CONSUMERS", stream, group) or ():
+        fields = _pairs(info)
+        name = fields[b"name"]
+        if name in live or int(fields[b"pending"]) or int(fields[b"idle"]) < min_idle_ms:
+            continue
+        dropped += int(await client.call("EVALSHA", scripts.sha(scripts.DROP_CONSUMER), 1, stream, group, name))
+    return dropped
+
+
+def _pairs(flat: Any) -> dict[bytes, Any]:
+    it = iter(flat)
+    return dict(zip(it, it, strict=True))
