@@ -102,6 +102,24 @@ class Redis:
             self._start_server(port, replica_of=self.ports[0] if i else None)
         for port in self.sentinel_ports:
             self._start_sentinel(port)
+        if sentinel:
+            self._wait_sentinels_ready()
+
+    def _wait_sentinels_ready(self, timeout_s: float = 30) -> None:
+        """Until every Sentinel knows a healthy replica and the other Sentinels (found through
+        the primary, every few seconds): before that, a failover has nothing to promote."""
+        deadline = time.monotonic() + timeout_s
+        for port in self.sentinel_ports:
+            r = redis.Redis(port=port)
+            while True:
+                replicas = r.sentinel_slaves("ferry")
+                others = r.sentinel_sentinels("ferry")
+                healthy = [x for x in replicas if not x.get("is_sdown") and not x.get("is_disconnected")]
+                if healthy and len(others) == len(self.sentinel_ports) - 1:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"Sentinel {port} found no replica / peers within {timeout_s} s")
+                time.sleep(0.2)
 
     @property
     def url(self) -> str:
@@ -145,13 +163,15 @@ class Redis:
         self._start_server(port)
 
     def failover(self) -> None:
+        self._wait_sentinels_ready()  # the replica (the old primary, after a failover) is known again
         r = redis.Redis(port=self.sentinel_ports[0])
         old = self.primary_port()
         r.execute_command("SENTINEL", "FAILOVER", "ferry")
         deadline = time.monotonic() + 20
         while self.primary_port() == old:
             if time.monotonic() > deadline:
-                raise RuntimeError("the Sentinels did not fail over within 20 s")
+                raise RuntimeError(f"the Sentinels did not fail over within 20 s: {r.sentinel_master('ferry')}, "
+                                   f"replicas {r.sentinel_slaves('ferry')}")
             time.sleep(0.05)
 
     def stop(self) -> None:
@@ -272,8 +292,10 @@ class Load:
         self.values = itertools.count(1)
         self.tasks: set[asyncio.Task[None]] = set()
 
-    def _status(self, exc: Exception, started: float) -> None:
-        if time.monotonic() - started > self.args.deadline_s + self.args.slack_s:
+    def _status(self, exc: Exception, started: float, limit_s: float | None = None) -> None:
+        """Count an error answer; ``limit_s``: its deadline, from ``started`` (default --deadline-s)."""
+        limit_s = self.args.deadline_s if limit_s is None else limit_s
+        if time.monotonic() - started > limit_s + self.args.slack_s:
             self.tally.late += 1
             return
         if isinstance(exc, grpc.aio.AioRpcError):
@@ -330,7 +352,7 @@ class Load:
                 async for result, error in client.stream_infer(requests(), stream_timeout=budget):
                     if error is not None:
                         errors += 1
-                        self._status(error, started)
+                        self._status(error, started, budget)
                         continue
                     rid = result.get_response().id
                     answered[rid] += 1
@@ -349,7 +371,7 @@ class Load:
             self.tally.twice += -unanswered
         elif ended_with is not None:
             for _ in range(unanswered):  # every unanswered request got the stream's final status
-                self._status(ended_with, started)
+                self._status(ended_with, started, budget)
         else:
             self.tally.never += unanswered
 
@@ -443,11 +465,15 @@ def report(tally: Tally, args: argparse.Namespace, codes: dict[str, int | None],
 
 
 def leftover_keys(store: Redis) -> list[str]:
+    """Keys that will not go away on their own: non-empty streams, entries still pending, and
+    keys without a TTL other than the statistics hashes.  (A killed gateway's keys expire.)"""
     r = store.client()
     out = []
     for key in r.scan_iter(count=1000):
         name = key.decode()
         kind = r.type(key)
+        if r.pttl(key) > 0:
+            continue
         if kind == b"stream":
             if r.xlen(key) or any(g["pending"] for g in r.xinfo_groups(key)):
                 out.append(f"{name} (length {r.xlen(key)})")

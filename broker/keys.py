@@ -63,6 +63,11 @@ REPLY_TTL_MS = 60_000
 # Workers refresh their registration this often; it expires after three misses.
 HEARTBEAT_INTERVAL_S = 1.0
 HEARTBEAT_TTL_MS = 3_000
+# A gateway's alive key lives longer: while it is missing, replies to that gateway are
+# dropped, so a gap between heartbeats (a Sentinel failover takes a second or two, and
+# the new primary has the key as it was when it was promoted) must not expire it.  A dead
+# gateway's replies are then pushed for up to this long before they stop.
+GATEWAY_ALIVE_TTL_MS = 15_000
 
 
 def request_stream(model: str, version: int) -> str:

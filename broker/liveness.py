@@ -3,16 +3,24 @@
 Workers register in ``ferry:workers`` with a heartbeat (see broker.keys).  A
 background task refreshes the gateway's view every ``REFRESH_S``, so the
 check on the request path is a dictionary lookup, not a Redis round trip.
+
+When a refresh fails (Redis restarting, a Sentinel failover) the last view
+stands for up to one heartbeat TTL: the workers it lists were alive that
+recently, and failing every request for a blip of a second would be worse
+than the rare one sent to a worker that just died (its batch is reclaimed).
+The registry is read through ferry.resp, which connects only to a primary,
+so a failover cannot serve an empty registry from a replica that is still
+resynchronising.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from broker import keys
 from broker.messages import WorkerInfo
@@ -20,6 +28,7 @@ from ferry.errors import FerryError, Unavailable
 from ferry.lifecycle import cancel_all
 from ferry.redis_conn import REDIS_DOWN, unavailable
 from ferry.repository import ModelVersion
+from ferry.resp import RespClient
 
 log = logging.getLogger("ferry.liveness")
 
@@ -27,7 +36,7 @@ REFRESH_S = 0.5
 
 
 class LiveWorkers:
-    def __init__(self, redis: Any, redis_url: str) -> None:
+    def __init__(self, redis: RespClient, redis_url: str) -> None:
         self._redis = redis
         self._url = redis_url
         # Called with each new view before calls can see it, so that anything derived
@@ -36,6 +45,7 @@ class LiveWorkers:
         self._served: Counter[tuple[str, int]] = Counter()
         self.pools: Counter[str] = Counter()  # live workers per pool
         self._error: FerryError | None = Unavailable("the worker registry has not been read yet")
+        self._read_at = -math.inf  # monotonic time of the last successful read
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -51,16 +61,18 @@ class LiveWorkers:
         try:
             # Dead workers' entries go here too, not only in live workers' heartbeats: the
             # registry must not keep the last worker of a cluster forever.
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.zremrangebyscore(keys.WORKERS, "-inf", now_ms)
-            pipe.zrangebyscore(keys.WORKERS, now_ms, "+inf")
-            _, ids = await pipe.execute()
-            infos = await self._redis.mget([keys.worker_info(i.decode()) for i in ids]) if ids else []
+            _, ids = await self._redis.execute([["ZREMRANGEBYSCORE", keys.WORKERS, "-inf", now_ms],
+                                                ["ZRANGEBYSCORE", keys.WORKERS, now_ms, "+inf"]])
+            infos = await self._redis.call("MGET", *(keys.worker_info(i.decode()) for i in ids)) if ids else []
         except REDIS_DOWN as exc:
+            if time.monotonic() - self._read_at < keys.HEARTBEAT_TTL_MS / 1000:
+                log.warning("worker registry unreadable (%s); keeping the last view", exc)
+                return
             self._error = unavailable(self._url, exc)
             if self.on_refresh is not None:
                 await self.on_refresh(Counter())
             return
+        self._read_at = time.monotonic()
         served: Counter[tuple[str, int]] = Counter()
         pools: Counter[str] = Counter()
         for raw in infos:
@@ -75,7 +87,11 @@ class LiveWorkers:
 
     async def _loop(self) -> None:
         while True:
-            await self.refresh()
+            try:
+                await self.refresh()
+            except Exception:
+                # Not an outage (those are handled in refresh): log it, keep the loop alive.
+                log.exception("reading the worker registry failed")
             await asyncio.sleep(REFRESH_S)
 
     def workers_for(self, mv: ModelVersion) -> int:

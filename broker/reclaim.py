@@ -19,6 +19,14 @@ XPENDING reports how many times each entry has been delivered; the caller
 decides what a repeated delivery means (workers split and dead-letter
 batches that keep killing their worker: ``workers.recovery``).
 
+A live process can also own entries it no longer knows about: Redis lost
+writes (a Sentinel failover, a restart from an AOF that missed its last
+fsync) and brought back an entry the process had already acknowledged, or
+that it read on the old primary.  Nobody else would ever claim those, so
+``claim_forgotten`` has each process take back, from its own pending list,
+entries idle ``FORGOTTEN_IDLE_MS`` that it does not hold: they run again
+(at least once), and the gateway keeps the first answer.
+
 Consumers of dead processes would otherwise stay in the group forever, one
 per restart; ``forget_dead_consumers`` removes those that hold nothing
 (scripts.DROP_CONSUMER checks that atomically).
@@ -39,6 +47,7 @@ RECLAIM_S = 1.0  # how often live processes look for orphans
 # registered yet.
 ORPHAN_IDLE_MS = 1000
 FORGET_EVERY = 30  # passes between sweeps of dead consumers
+FORGOTTEN_IDLE_MS = 5000
 
 
 @dataclass(slots=True)
@@ -60,13 +69,28 @@ async def claim_orphans(client: RespClient, stream: str, group: str, consumer: s
     pending = await client.call("XPENDING", stream, group, "IDLE", min_idle_ms, "-", "+", CLAIM_COUNT)
     orphans = {entry_id: int(deliveries) for entry_id, owner, _idle, deliveries in pending or ()
                if owner not in live}
-    if not orphans:
+    return await _claim(client, stream, group, consumer, min_idle_ms, orphans)
+
+
+async def claim_forgotten(client: RespClient, stream: str, group: str, consumer: str, held: set[bytes],
+                          min_idle_ms: int = FORGOTTEN_IDLE_MS) -> list[Claimed]:
+    """Take back ``consumer``'s own pending entries of ``stream`` that are not in ``held``."""
+    pending = await client.call("XPENDING", stream, group, "IDLE", min_idle_ms, "-", "+", CLAIM_COUNT, consumer)
+    lost = {entry_id: int(deliveries) for entry_id, _owner, _idle, deliveries in pending or ()
+            if entry_id not in held}
+    return await _claim(client, stream, group, consumer, min_idle_ms, lost)
+
+
+async def _claim(client: RespClient, stream: str, group: str, consumer: str, min_idle_ms: int,
+                 wanted: dict[bytes, int]) -> list[Claimed]:
+    """XCLAIM ``wanted`` (entry id: deliveries so far); atomic, so of two claimants one wins."""
+    if not wanted:
         return []
-    reply = await client.call("XCLAIM", stream, group, consumer, min_idle_ms, *orphans)
+    reply = await client.call("XCLAIM", stream, group, consumer, min_idle_ms, *wanted)
     # An entry deleted while pending comes back as nil (or not at all) and leaves the PEL.
-    return [Claimed(entry_id, orphans[entry_id], fields)
+    return [Claimed(entry_id, wanted[entry_id], fields)
             for entry_id, fields in range_entries([e for e in reply or () if e is not None])
-            if entry_id in orphans]
+            if entry_id in wanted]
 
 
 async def forget_dead_consumers(client: RespClient, stream: str, group: str, live: set[bytes],

@@ -60,7 +60,15 @@ from broker.messages import (
     parse_group,
 )
 from broker.pools import Choice, Pool, fastest, least_loaded, route
-from broker.reclaim import FORGET_EVERY, ORPHAN_IDLE_MS, RECLAIM_S, claim_orphans, forget_dead_consumers, live_members
+from broker.reclaim import (
+    FORGET_EVERY,
+    ORPHAN_IDLE_MS,
+    RECLAIM_S,
+    claim_forgotten,
+    claim_orphans,
+    forget_dead_consumers,
+    live_members,
+)
 from broker.scheduler import Entry, LatencyModel, ModelScheduler, Rejection, Request
 from ferry.errors import Code
 from ferry.lifecycle import cancel_all
@@ -85,6 +93,7 @@ class _Model:
     # The pools it may run on, cheapest first, each with its latency model for this model.
     options: list[tuple[Pool, LatencyModel]] = field(default_factory=list)
     done: list[Entry] = field(default_factory=list)  # entries to acknowledge in the next round
+    held: set[bytes] = field(default_factory=set)  # ids of entries read and not yet acknowledged
     unserved_since: float | None = None  # since when no pool of it has had a live worker
 
     def latency_on(self, pool: str) -> LatencyModel | None:
@@ -98,7 +107,7 @@ class Broker:
         self.redis = connect(settings.redis_url, settings.redis_timeout_s)
         self._reads = RespClient(settings.redis_url, settings.redis_timeout_s + IDLE_BLOCK_MS / 1000)
         self._writes = RespClient(settings.redis_url, settings.redis_timeout_s)
-        self.live = LiveWorkers(self.redis, settings.redis_url)
+        self.live = LiveWorkers(self._writes, settings.redis_url)
         self._stopping = asyncio.Event()
         self._kick = asyncio.Event()
         self._models: dict[bytes, _Model] = {}
@@ -212,6 +221,7 @@ class Broker:
             ahead = least_loaded(model.options, self._workers)
             self._use_fastest(model)
             for entry_id, fields in entries:
+                model.held.add(entry_id)
                 cancel = parse_cancel(fields)
                 if cancel is not None:
                     gateway, corrs = cancel
@@ -248,10 +258,12 @@ class Broker:
                 for stream, model in self._models.items():
                     claimed = await claim_orphans(self._writes, model.stream, keys.BROKER_GROUP, me, live,
                                                   ORPHAN_IDLE_MS)
-                    if claimed:
-                        log.warning("took over %d request entr(ies) of %s from dead brokers",
-                                    len(claimed), model.mv.name)
-                        self._take_in([(stream, [(c.entry_id, c.fields) for c in claimed])])
+                    forgotten = await claim_forgotten(self._writes, model.stream, keys.BROKER_GROUP, me, model.held)
+                    if claimed or forgotten:
+                        log.warning("took over %d request entr(ies) of %s from dead brokers, and %d of its own "
+                                    "that Redis brought back (lost writes)", len(claimed), model.mv.name,
+                                    len(forgotten))
+                        self._take_in([(stream, [(c.entry_id, c.fields) for c in claimed + forgotten])])
                         self._kick.set()
                     if passes % FORGET_EVERY == FORGET_EVERY - 1:
                         await forget_dead_consumers(self._writes, model.stream, keys.BROKER_GROUP, live,
@@ -435,6 +447,7 @@ class Broker:
             self._kick.set()
             raise
         for model in acks:
+            model.held.difference_update(e.entry_id for e in model.done)
             model.done.clear()
         self.batches_sent += len(sent)
         self.rejected += len(rejections)

@@ -6,8 +6,11 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
+from redis.asyncio.sentinel import Sentinel
 
 from ferry.errors import Unavailable
+from ferry.redis_url import parse as parse_url
+from ferry.redis_url import redact
 
 # Errors that mean "Redis is not reachable right now" rather than a bug.
 REDIS_DOWN = (rexc.ConnectionError, rexc.TimeoutError, OSError)
@@ -18,6 +21,13 @@ def connect(url: str, timeout_s: float, *, max_connections: int = 64) -> Any:
 
     The data path uses ferry.resp instead; blocking reads live there too.
     """
+    t = parse_url(url)
+    if t.sentinel:
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            list(t.sentinels), sentinel_kwargs={"socket_connect_timeout": timeout_s, "socket_timeout": timeout_s})
+        return sentinel.master_for(
+            t.service, db=t.db, username=t.username, password=t.password, socket_connect_timeout=timeout_s,
+            socket_timeout=timeout_s, max_connections=max_connections, decode_responses=False)
     return aioredis.Redis.from_url(
         url,
         socket_connect_timeout=timeout_s,
@@ -29,7 +39,7 @@ def connect(url: str, timeout_s: float, *, max_connections: int = 64) -> Any:
 
 def unavailable(url: str, exc: BaseException) -> Unavailable:
     # Never echo credentials that may be embedded in the URL.
-    where = url.split("@")[-1]
+    where = redact(url)
     return Unavailable(f"Redis at {where} is unreachable ({type(exc).__name__}: {exc}); retry later")
 
 

@@ -21,9 +21,11 @@ import ssl
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlparse
 
 import hiredis
+
+from ferry.redis_url import RedisTarget
+from ferry.redis_url import parse as parse_url
 
 Command = Sequence[bytes | str | int | float]
 
@@ -97,34 +99,57 @@ class RespClient:
         self.timeout_s = timeout_s
         self._proto: _Protocol | None = None
         self._connecting: asyncio.Lock | None = None
+        # Connections opened so far: a change tells a caller that writes it made on an
+        # earlier connection may not have survived (gateway.dispatch re-sends requests).
+        self.connections = 0
 
     async def _open(self) -> _Protocol:
-        u = urlparse(self.url)
+        t = parse_url(self.url)
         loop = asyncio.get_running_loop()
-        query = parse_qs(u.query)
-        path_db = "" if u.scheme == "unix" else u.path.strip("/")
-        db = int(path_db or query.get("db", ["0"])[0])
         async with asyncio.timeout(self.timeout_s):
-            if u.scheme == "unix":
-                _, proto = await loop.create_unix_connection(_Protocol, unquote(u.path))
+            if t.scheme == "unix":
+                _, proto = await loop.create_unix_connection(_Protocol, t.path)
             else:
-                context = ssl.create_default_context() if u.scheme == "rediss" else None
-                _, proto = await loop.create_connection(
-                    _Protocol, u.hostname or "127.0.0.1", u.port or 6379, ssl=context
-                )
+                host, port = await self._primary(t) if t.sentinel else (t.host, t.port)
+                context = ssl.create_default_context() if t.scheme == "rediss" else None
+                _, proto = await loop.create_connection(_Protocol, host, port, ssl=context)
             setup: list[Command] = []
-            if u.password is not None:
-                user = unquote(u.username) if u.username else None
-                setup.append(("AUTH", user, unquote(u.password)) if user else ("AUTH", unquote(u.password)))
-            if db:
-                setup.append(("SELECT", db))
+            if t.password is not None:
+                setup.append(("AUTH", t.username, t.password) if t.username else ("AUTH", t.password))
+            if t.sentinel:
+                setup.append(("ROLE",))
+            if t.db:
+                setup.append(("SELECT", t.db))
             if setup:
                 replies = await self._send(proto, setup)
                 errors = [r for r in replies if isinstance(r, hiredis.ReplyError)]
                 if errors:
                     proto.transport.close()  # type: ignore[union-attr]
                     raise RespError(f"Redis refused the connection setup: {errors[0]}")
+                if t.sentinel and replies[len(setup) - 1 - bool(t.db)][0] != b"master":
+                    # The Sentinels have not noticed a failover yet: try again shortly.
+                    proto.transport.close()  # type: ignore[union-attr]
+                    raise RedisBusy(f"the primary the Sentinels named for {t.service!r} is not a primary (yet)")
         return proto
+
+    async def _primary(self, t: RedisTarget) -> tuple[str, int]:
+        """Ask the Sentinels, in turn, where the primary of ``t.service`` is now."""
+        loop = asyncio.get_running_loop()
+        problems = []
+        for host, port in t.sentinels:
+            try:
+                _, proto = await loop.create_connection(_Protocol, host, port)
+            except OSError as exc:
+                problems.append(f"{host}:{port}: {exc}")
+                continue
+            try:
+                (addr,) = await self._send(proto, [("SENTINEL", "get-master-addr-by-name", t.service)])
+            finally:
+                proto.transport.close()  # type: ignore[union-attr]
+            if isinstance(addr, list) and len(addr) == 2:
+                return addr[0].decode(), int(addr[1])
+            problems.append(f"{host}:{port}: knows no primary named {t.service!r}")
+        raise ConnectionError(f"no Sentinel named a primary for {t.service!r} ({'; '.join(problems)})")
 
     @staticmethod
     def _send(proto: _Protocol, commands: Sequence[Command]) -> asyncio.Future[list[Any]]:
@@ -148,6 +173,7 @@ class RespClient:
         async with self._connecting:
             if self._proto is None or self._proto.transport is None:
                 self._proto = await self._open()
+                self.connections += 1
             return self._proto
 
     async def execute(self, commands: Sequence[Command], *, timeout_s: float | None = None,
@@ -161,9 +187,7 @@ class RespClient:
         except TimeoutError:
             self.drop()  # later replies would be matched to the wrong callers
             raise
-        if raise_errors:
-            _raise_first_error(replies)
-        return replies
+        return self._checked(replies, raise_errors)
 
     def send_now(self, commands: Sequence[Command]) -> asyncio.Future[list[Any]] | None:
         """Write ``commands`` immediately if connected (None if not); ``confirm`` the future later."""
@@ -180,6 +204,13 @@ class RespClient:
         except TimeoutError:
             self.drop()
             raise
+        return self._checked(replies, raise_errors)
+
+    def _checked(self, replies: list[Any], raise_errors: bool) -> list[Any]:
+        if any(isinstance(r, hiredis.ReplyError) and "READONLY" in str(r) for r in replies):
+            # A failover demoted the server this connection reaches: reconnect (and, with
+            # Sentinel, ask again where the primary is) on the next call.
+            self.drop()
         if raise_errors:
             _raise_first_error(replies)
         return replies
@@ -201,14 +232,16 @@ class RedisBusy(ConnectionError):
 
 
 # Error replies that say "not now" rather than "wrong": treated like an outage (retried).
-TRANSIENT = ("LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
+# READONLY: the primary was demoted by a failover (the client reconnects and asks again).
+TRANSIENT = ("LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "READONLY")
 
 
 def _raise_first_error(replies: list[Any]) -> None:
     for r in replies:
         if isinstance(r, hiredis.ReplyError):
             text = str(r)
-            if text.startswith(TRANSIENT):
+            # A script's write refused by a demoted primary says READONLY inside an ERR.
+            if text.startswith(TRANSIENT) or "READONLY" in text:
                 raise RedisBusy(text)
             raise RespError(text)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ferry.errors import ConfigError
+from ferry.redis_url import parse as parse_redis_url
 
 ENV_PREFIX = "FERRY_"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -37,7 +38,8 @@ def _instance_id() -> str:
 @dataclass(frozen=True)
 class CommonSettings:
     redis_url: str = knob(
-        DEFAULT_REDIS_URL, "Redis URL (redis://, rediss:// or unix:///path?db=N); also read from REDIS_URL"
+        DEFAULT_REDIS_URL, "Redis URL: redis://, rediss://, unix:///path?db=N or "
+        "redis+sentinel://host:port[,host:port...]/service[/db] (see docs/reliability.md); also read from REDIS_URL"
     )
     model_repository: Path = knob(
         Path("models"), "model repository: <repo>/<model>/config.pbtxt and <repo>/<model>/<version>/model.onnx"
@@ -51,8 +53,7 @@ class CommonSettings:
     )
 
     def __post_init__(self) -> None:
-        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigError(f"redis_url {self.redis_url!r} must start with redis://, rediss:// or unix://")
+        parse_redis_url(self.redis_url)  # ConfigError naming what is wrong
         if self.redis_timeout_s <= 0:
             raise ConfigError("redis_timeout_s must be > 0")
         if self.grace_s < 0:

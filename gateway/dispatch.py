@@ -15,7 +15,16 @@ Two long-lived tasks keep Redis work per request far below one round trip:
   correlation number.
 
 A reply for a call that already gave up (deadline, cancel) finds no future
-and is dropped and counted, so late replies never leak.  A call cancelled by
+and is dropped and counted, so late replies never leak.  The same goes for
+the second reply to a request that ran twice, which can happen because:
+
+* when the submitter's Redis connection is replaced (Redis restarted, a
+  Sentinel failover, a network cut), every request still waiting for its
+  reply that was queued over an earlier connection is queued again: Redis
+  may have lost it (a failover loses the writes the new primary had not
+  yet replicated, an AOF restart those not yet fsynced), and the gateway
+  cannot tell which survived.  Running a request twice costs compute;
+  losing it costs its caller a timeout.  A call cancelled by
 its client also sends a cancellation down the model's request stream, so a
 request that is still queued leaves the queue instead of running.
 """
@@ -75,8 +84,16 @@ class Dispatcher:
         self._listen = RespClient(settings.redis_url, settings.redis_timeout_s + LISTEN_BLOCK_S)
         self._pending: dict[int, asyncio.Future[Reply]] = {}
         self._corr = itertools.count(1)
-        self._outbox: dict[_Outbox, list[tuple[Queued, asyncio.Future[Reply]]]] = defaultdict(list)
+        # A future of None marks a re-sent copy (see _resend_if_reconnected).
+        self._outbox: dict[_Outbox, list[tuple[Queued, asyncio.Future[Reply] | None]]] = defaultdict(list)
         self._cancels: dict[ModelVersion, list[int]] = defaultdict(list)
+        # corr -> (where it queues, the request, the connection it was last sent on)
+        self._inflight: dict[int, tuple[_Outbox, Queued, int]] = {}
+        self._connection = 0
+        self._round: list[tuple[_Outbox, Queued, asyncio.Future[Reply] | None]] = []  # what this round sends
+        self._round_cancels: dict[ModelVersion, list[int]] = {}
+        self._down_since: float | None = None  # since when Redis has been unreachable
+        self.resent = 0
         self._sha_enqueue = scripts.sha(scripts.ENQUEUE)
         self._ready = asyncio.Event()
         self._last_flush = 0.0
@@ -86,6 +103,11 @@ class Dispatcher:
         self._tasks: list[asyncio.Task[None]] = []
         self._blmpop = False
         self.late_replies = 0
+
+    @property
+    def resp(self) -> RespClient:
+        """The data-path Redis client, shared with the worker registry's reads."""
+        return self._resp
 
     async def start(self) -> None:
         try:
@@ -102,7 +124,7 @@ class Dispatcher:
 
     async def _heartbeat_once(self) -> None:
         try:
-            await self.redis.set(self.alive_key, b"1", px=keys.HEARTBEAT_TTL_MS)
+            await self.redis.set(self.alive_key, b"1", px=keys.GATEWAY_ALIVE_TTL_MS)
         except Exception as exc:  # down, or refusing writes (OOM): try again next beat
             log.warning("gateway heartbeat failed: %s", exc)
 
@@ -139,7 +161,9 @@ class Dispatcher:
         now_ns = time.time_ns()
         timeout_ns = now_ns + adm.queue_timeout_us * 1000 if adm.queue_timeout_us else 0
         queued = Queued(corr, adm.rows, now_ns + int(timeout_s * 1e9), timeout_ns, payload)
-        self._outbox[(mv, adm.level, adm.shape)].append((queued, fut))
+        where = (mv, adm.level, adm.shape)
+        self._outbox[where].append((queued, fut))
+        self._inflight[corr] = (where, queued, -1)
         # Under light load (the last round trip carried fewer than FLUSH_MIN_GROUP
         # requests, or none was sent for a whole interval) a request leaves at once;
         # otherwise it waits at most one interval for others to share its round trip.
@@ -158,6 +182,7 @@ class Dispatcher:
         finally:
             timer.cancel()
             del self._pending[corr]
+            del self._inflight[corr]
 
     def count_failure(self, mv: ModelVersion, ns: int) -> None:
         """Add a failed request to the model's statistics, without waiting (best effort)."""
@@ -167,13 +192,13 @@ class Dispatcher:
             sent.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     @staticmethod
-    def _groups(mv: ModelVersion, queued: list[tuple[Queued, asyncio.Future[Reply]]]
-                ) -> list[list[tuple[Queued, asyncio.Future[Reply]]]]:
+    def _groups(mv: ModelVersion, queued: list[tuple[Queued, asyncio.Future[Reply] | None]]
+                ) -> list[list[tuple[Queued, asyncio.Future[Reply] | None]]]:
         limit = mv.settings.max_batch_size
         most = min(MAX_GROUP, mv.settings.queue_policy.max_queue_size)
         if limit == 0:
             return [[q] for q in queued]
-        groups: list[list[tuple[Queued, asyncio.Future[Reply]]]] = [[]]
+        groups: list[list[tuple[Queued, asyncio.Future[Reply] | None]]] = [[]]
         rows = 0
         for q in queued:
             if rows + q[0].rows > limit or len(groups[-1]) >= most:
@@ -186,7 +211,9 @@ class Dispatcher:
     def _commands(self) -> tuple[list[list[bytes | str | int]], list[tuple[ModelVersion, list[Any]]]]:
         """One round trip's commands, and per command the futures it admits (or [] for none)."""
         outbox, self._outbox = self._outbox, defaultdict(list)
+        self._round = []
         cancels, self._cancels = self._cancels, defaultdict(list)
+        self._round_cancels = cancels
         now_ns = time.time_ns()
         gw = self.settings.gateway_id
         commands: list[list[bytes | str | int]] = []
@@ -194,6 +221,7 @@ class Dispatcher:
         for (mv, level, shape), queued in outbox.items():
             stream = keys.request_stream(mv.name, mv.version)
             counter = keys.queue_count(mv.name, mv.version)
+            self._round += [((mv, level, shape), q, f) for q, f in queued]
             for group in self._groups(mv, queued):
                 command: list[bytes | str | int] = [
                     "EVALSHA", self._sha_enqueue, 2, stream, counter, len(group),
@@ -229,7 +257,19 @@ class Dispatcher:
                         await scripts.load_all(self._resp)
                         replies = await self._resp.execute(commands, raise_errors=False)
                 except REDIS_DOWN as exc:
+                    if self._retry_later(exc):
+                        await asyncio.sleep(0.05)
+                        self._ready.set()
+                        continue
                     replies = [unavailable(self.settings.redis_url, exc)] * len(commands)
+                else:
+                    self._down_since = None
+                self._resend_if_reconnected()
+                on = self._resp.connections
+                for where, q, _ in self._round:
+                    if q.corr in self._inflight:  # else its call ended while it sat in the outbox
+                        self._inflight[q.corr] = (where, q, on)
+                self._round.clear()
                 for (mv, futures), reply in zip(admits, replies, strict=True):
                     if isinstance(reply, int) and reply < 0:
                         err: FerryError | None = ResourceExhausted(
@@ -246,12 +286,51 @@ class Dispatcher:
                         err = None
                     if err is not None:
                         for fut in futures:
-                            _fail(fut, err)
+                            if fut is not None:  # None: a re-sent copy; the first may have made it
+                                _fail(fut, err)
             except Exception:
                 log.exception("queueing requests failed")
                 for _, futures in admits:
                     for fut in futures:
-                        _fail(fut, Unavailable("could not queue the request (gateway error; see its log)"))
+                        if fut is not None:
+                            _fail(fut, Unavailable("could not queue the request (gateway error; see its log)"))
+
+    def _retry_later(self, exc: BaseException) -> bool:
+        """Redis is unreachable: put this round back to be sent again shortly, unless Redis has
+        been unreachable for redis_timeout_s already (then the round fails with UNAVAILABLE).
+        Riding out a blip (a restart, a failover) beats failing every call made during it."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._down_since is None:
+            self._down_since = now
+            log.warning("redis unreachable queueing requests (%s); retrying for up to %.1fs", exc,
+                        self.settings.redis_timeout_s)
+        if now - self._down_since >= self.settings.redis_timeout_s:
+            return False
+        for where, q, fut in self._round:
+            if fut is None or not fut.done():
+                self._outbox[where].append((q, fut))
+        for mv, corrs in self._round_cancels.items():
+            self._cancels[mv] += corrs
+        return True
+
+    def _resend_if_reconnected(self) -> None:
+        """If the submitter's connection is a new one, queue again every request still waiting
+        that went out on an earlier one."""
+        now = self._resp.connections
+        if now == self._connection:
+            return
+        self._connection = now
+        again = [(corr, where, queued) for corr, (where, queued, on) in self._inflight.items()
+                 if 0 < on < now and not self._pending[corr].done()]
+        for corr, where, queued in again:
+            self._outbox[where].append((queued, None))
+            self._inflight[corr] = (where, queued, -1)
+        if again:
+            self.resent += len(again)
+            log.warning("Redis connection replaced: queueing %d waiting request(s) again, in case Redis lost them",
+                        len(again))
+            self._ready.set()
 
     async def _listener(self) -> None:
         # Redis 7's BLMPOP waits and then pops everything queued in one round trip.

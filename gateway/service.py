@@ -40,7 +40,7 @@ class InferenceService:
         self.settings = settings
         self.repo = repo
         self.dispatcher = dispatcher
-        self.live = LiveWorkers(dispatcher.redis, settings.redis_url)
+        self.live = LiveWorkers(dispatcher.resp, settings.redis_url)
         self.validators = {mv.key: RequestValidator(mv) for mv in repo.all_versions()}
 
     # --- health and metadata -------------------------------------------------------

@@ -33,7 +33,15 @@ from typing import Any
 
 from broker import keys, scripts
 from broker.messages import Member, Stat, WorkerInfo, done_notice, encode_reply, model_label, parse_batch
-from broker.reclaim import FORGET_EVERY, ORPHAN_IDLE_MS, RECLAIM_S, claim_orphans, forget_dead_consumers, live_members
+from broker.reclaim import (
+    FORGET_EVERY,
+    ORPHAN_IDLE_MS,
+    RECLAIM_S,
+    claim_forgotten,
+    claim_orphans,
+    forget_dead_consumers,
+    live_members,
+)
 from ferry.errors import Code
 from ferry.lifecycle import cancel_all
 from ferry.redis_conn import REDIS_DOWN, connect, ensure_group
@@ -78,11 +86,14 @@ class Worker:
         self._stopping = asyncio.Event()
         self._carry: list[_Claimed] = []
         self._reclaimed: list[_Claimed] = []  # taken over from dead workers; run before new reads
+        # Entry ids read and not yet acknowledged for sure: what broker.reclaim.claim_forgotten
+        # must not take back.
+        self._in_hand: set[bytes] = set()
         self._fault = _id_marker(settings.fault_exit_on_id) if settings.fault_exit_on_id else b""
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="ferry-compute")
-        self._outbox: asyncio.Queue[tuple[list[list[bytes | str | int]], asyncio.Future[list[Any]] | None]] = (
-            asyncio.Queue(4)
-        )
+        self._outbox: asyncio.Queue[
+            tuple[list[list[bytes | str | int]], asyncio.Future[list[Any]] | None, list[bytes]]
+        ] = asyncio.Queue(4)
         self.batches_run = 0
         self._profile: dict[tuple[str, int], dict[int, float]] = defaultdict(dict)
         # Statistics accumulate here and reach Redis every STATS_FLUSH_S, not per batch.
@@ -138,7 +149,9 @@ class Worker:
         if block is not None:
             args += ["BLOCK", block]
         reply = await self._reads.call(*args, "STREAMS", self.stream, ">")
-        return [_Claimed(eid, fields) for _, entries in stream_entries(reply) for eid, fields in entries]
+        claimed = [_Claimed(eid, fields) for _, entries in stream_entries(reply) for eid, fields in entries]
+        self._in_hand.update(c.entry_id for c in claimed)
+        return claimed
 
     async def _claim(self) -> list[_Claimed]:
         """Claimed batch entries of one model and shape key that together fit in one run."""
@@ -194,7 +207,7 @@ class Worker:
                                                                    took, ids)])
         # Replies hit the socket now, before the next read; the writer only waits for
         # Redis to confirm them (and retries if it did not).
-        await self._outbox.put((commands, self._writes.send_now(commands)))
+        await self._outbox.put((commands, self._writes.send_now(commands), ids))
 
     def _reply_commands(self, ids: list[bytes], result: BatchResult) -> list[list[bytes | str | int]]:
         """Replies first (one bundle per gateway), then the acknowledgement of the batch entries."""
@@ -204,7 +217,7 @@ class Worker:
 
     async def _writer(self) -> None:
         while True:
-            commands, sent = await self._outbox.get()
+            commands, sent, ids = await self._outbox.get()
             delay = 0.05
             try:
                 while True:
@@ -213,6 +226,7 @@ class Worker:
                             await self._writes.execute(commands)
                         else:
                             await self._writes.confirm(sent)
+                        self._in_hand.difference_update(ids)
                         break
                     except RespError as exc:
                         if "NOSCRIPT" not in str(exc):
@@ -226,8 +240,10 @@ class Worker:
                         delay = min(delay * 2, 1.0)
                     sent = None
             except Exception:
-                # A bug here must not stop the writer: the batch stays pending in Redis.
-                log.exception("writing replies failed; the batch stays pending")
+                # A bug here must not stop the writer: the batch stays pending in Redis, and
+                # once out of hand the reclaimer runs it again (claim_forgotten).
+                log.exception("writing replies failed; the batch stays pending and will run again")
+                self._in_hand.difference_update(ids)
             finally:
                 self._outbox.task_done()
 
@@ -246,12 +262,21 @@ class Worker:
     async def _reclaim_once(self, *, forget: bool = False) -> None:
         live = await live_members(self._writes, keys.WORKERS)
         live.add(self.settings.worker_id.encode())
-        claimed = await claim_orphans(self._writes, self.stream, keys.WORKER_GROUP, self.settings.worker_id,
-                                      live, ORPHAN_IDLE_MS)
+        me = self.settings.worker_id
+        claimed = await claim_orphans(self._writes, self.stream, keys.WORKER_GROUP, me, live, ORPHAN_IDLE_MS)
+        forgotten = await claim_forgotten(self._writes, self.stream, keys.WORKER_GROUP, me, self._in_hand)
+        if forgotten:
+            # Batches of its own that Redis brought back (it lost writes: a failover, an AOF
+            # restart), or whose replies this worker failed to write: run them again.
+            log.warning("%d batch(es) of this worker's own are pending but not in hand; running them again",
+                        len(forgotten))
+            self._in_hand.update(c.entry_id for c in forgotten)
+            self._reclaimed += [_Claimed(c.entry_id, c.fields) for c in forgotten]
         if claimed:
             plan = triage(claimed, self.settings.pool, self.settings.max_attempts)
             if plan.commands:
                 await self._writes.execute(plan.commands)
+            self._in_hand.update(c.entry_id for c in plan.run)
             self._reclaimed += [_Claimed(c.entry_id, c.fields) for c in plan.run]
             log.warning("took over %d batch(es) of dead workers: %d to run again, %d split, %d dead-lettered",
                         len(claimed), len(plan.run), plan.split, plan.dead)
