@@ -20,7 +20,13 @@ turn, and the process is restarted as a supervisor (Kubernetes) would:
   second of writes may be lost: docs/reliability.md);
 * ``sentinel-failover``: with ``--sentinel``, Redis runs as a primary, a replica and
   three Sentinels, Ferry connects through the Sentinels, and the fault is SENTINEL
-  FAILOVER.
+  FAILOVER (a planned switch-over: for a second both servers take writes);
+* ``kill-primary``: with ``--sentinel``, SIGKILL the primary; the Sentinels notice
+  (down-after 1 s) and promote the replica; the old primary is started again and
+  rejoins as a replica;
+* ``cut-link``: with ``--netns`` (root), Redis runs in a network namespace of its own
+  and its link is cut (``ip link set down``) for ``--cut-s``, then restored: TCP
+  stalls, nothing is reset, every client must notice by its own timeouts.
 
 Every request ends as one of: OK with the right answer; OK with a wrong answer; an
 error status (counted by code) within its deadline (plus ``--slack-s`` for the client's
@@ -64,7 +70,8 @@ sys.path.insert(0, str(ROOT))
 
 from ferry.cluster import find_redis_server, free_port  # noqa: E402
 
-FAULTS = ("kill-worker", "kill-broker", "kill-gateway", "restart-redis", "sentinel-failover")
+FAULTS = ("kill-worker", "kill-broker", "kill-gateway", "restart-redis", "sentinel-failover", "kill-primary",
+          "cut-link")
 MODEL = "plus_one"
 
 
@@ -88,7 +95,7 @@ class Redis:
     """redis-server with AOF on a fixed port and directory, so that a restart finds its data;
     or, with sentinel, a primary, a replica and three Sentinels."""
 
-    def __init__(self, workdir: Path, sentinel: bool) -> None:
+    def __init__(self, workdir: Path, sentinel: bool, netns: bool = False) -> None:
         binary = find_redis_server()
         if binary is None:
             raise SystemExit("no redis-server: apt-get install redis-server")
@@ -98,12 +105,21 @@ class Redis:
         self.ports = [free_port(), free_port()] if sentinel else [free_port()]
         self.sentinel_ports = [free_port() for _ in range(3)] if sentinel else []
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
-        for i, port in enumerate(self.ports):
-            self._start_server(port, replica_of=self.ports[0] if i else None)
-        for port in self.sentinel_ports:
-            self._start_sentinel(port)
-        if sentinel:
-            self._wait_sentinels_ready()
+        self.host = "127.0.0.1"
+        self.cut_s = 3.0
+        self.netns = Netns() if netns else None
+        if self.netns is not None:
+            self.host = self.netns.inside
+        try:
+            for i, port in enumerate(self.ports):
+                self._start_server(port, replica_of=self.ports[0] if i else None)
+            for port in self.sentinel_ports:
+                self._start_sentinel(port)
+            if sentinel:
+                self._wait_sentinels_ready()
+        except BaseException:
+            self.stop()
+            raise
 
     def _wait_sentinels_ready(self, timeout_s: float = 30) -> None:
         """Until every Sentinel knows a healthy replica and the other Sentinels (found through
@@ -126,18 +142,20 @@ class Redis:
         if self.sentinel:
             hosts = ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports)
             return f"redis+sentinel://{hosts}/ferry/0"
-        return f"redis://127.0.0.1:{self.ports[0]}/0"
+        return f"redis://{self.host}:{self.ports[0]}/0"
 
     def _start_server(self, port: int, replica_of: int | None = None) -> None:
         d = self.workdir / f"redis-{port}"
         d.mkdir(exist_ok=True)
-        args = [self.binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(d), "--save", "",
+        wrap = ["ip", "netns", "exec", self.netns.name] if self.netns else []
+        args = [*wrap, self.binary, "--port", str(port), "--bind", self.host, "--protected-mode", "no",
+                "--dir", str(d), "--save", "",
                 "--appendonly", "yes", "--appendfsync", "everysec", "--daemonize", "no"]
         if replica_of is not None and not (d / "appendonlydir").exists():
             args += ["--replicaof", "127.0.0.1", str(replica_of)]
         self.procs[port] = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                             start_new_session=True)
-        _wait_ping(port)
+        _wait_ping(port, self.host)
 
     def _start_sentinel(self, port: int) -> None:
         conf = self.workdir / f"sentinel-{port}.conf"
@@ -154,7 +172,13 @@ class Redis:
         return int(r.execute_command("SENTINEL", "get-master-addr-by-name", "ferry")[1])
 
     def client(self) -> redis.Redis:
-        return redis.Redis(port=self.primary_port())
+        return redis.Redis(host=self.host, port=self.primary_port())
+
+    def cut(self, seconds: float) -> None:
+        assert self.netns is not None
+        self.netns.link(False)
+        time.sleep(seconds)
+        self.netns.link(True)
 
     def restart(self) -> None:
         port = self.primary_port()
@@ -174,18 +198,62 @@ class Redis:
                                    f"replicas {r.sentinel_slaves('ferry')}")
             time.sleep(0.05)
 
+    def kill_primary(self) -> None:
+        old = self.primary_port()
+        self.procs[old].kill()
+        self.procs[old].wait()
+        deadline = time.monotonic() + 30
+        while self.primary_port() == old:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the Sentinels did not promote the replica within 30 s")
+            time.sleep(0.05)
+        # Back as a replica of the new primary (the Sentinels would also reconfigure it).
+        (self.workdir / f"redis-{old}" / "appendonlydir").exists() and shutil.rmtree(
+            self.workdir / f"redis-{old}" / "appendonlydir")
+        self._start_server(old, replica_of=self.primary_port())
+
     def stop(self) -> None:
         for p in self.procs.values():
             with contextlib.suppress(ProcessLookupError):
                 p.kill()
             p.wait()
+        if self.netns is not None:
+            self.netns.delete()
 
 
-def _wait_ping(port: int, timeout_s: float = 10) -> None:
+class Netns:
+    """A network namespace joined to this one by a veth pair, so that Redis's link can be cut
+    (``ip link set ... down``: packets vanish, TCP stalls, nothing is reset).  Needs root."""
+
+    def __init__(self) -> None:
+        tag = os.getpid() % 250
+        self.name = f"ferry-chaos-{os.getpid()}"
+        self.outside, self.inside = f"10.231.{tag}.1", f"10.231.{tag}.2"
+        self.veth = f"fc{os.getpid() % 100000}"
+        for cmd in (["ip", "netns", "add", self.name],
+                    ["ip", "link", "add", self.veth, "type", "veth", "peer", "name", self.veth + "p"],
+                    ["ip", "link", "set", self.veth + "p", "netns", self.name],
+                    ["ip", "addr", "add", f"{self.outside}/30", "dev", self.veth],
+                    ["ip", "link", "set", self.veth, "up"],
+                    ["ip", "netns", "exec", self.name, "ip", "addr", "add", f"{self.inside}/30", "dev",
+                     self.veth + "p"],
+                    ["ip", "netns", "exec", self.name, "ip", "link", "set", self.veth + "p", "up"],
+                    ["ip", "netns", "exec", self.name, "ip", "link", "set", "lo", "up"]):
+            subprocess.run(cmd, check=True, capture_output=True)
+
+    def link(self, up: bool) -> None:
+        subprocess.run(["ip", "link", "set", self.veth, "up" if up else "down"], check=True)
+
+    def delete(self) -> None:
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+        subprocess.run(["ip", "link", "del", self.veth], capture_output=True)
+
+
+def _wait_ping(port: int, host: str = "127.0.0.1", timeout_s: float = 10) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            if redis.Redis(port=port, socket_timeout=0.5).ping():
+            if redis.Redis(host=host, port=port, socket_timeout=0.5).ping():
                 return
         except redis.exceptions.RedisError:
             pass
@@ -432,6 +500,12 @@ def apply_fault(fault: str, ferry: Ferry, store: Redis, rng: random.Random) -> s
     if fault == "sentinel-failover":
         store.failover()
         return f"Sentinel failover, primary now on port {store.primary_port()}"
+    if fault == "cut-link":
+        store.cut(store.cut_s)
+        return f"Redis link cut for {store.cut_s:.1f} s, restored"
+    if fault == "kill-primary":
+        store.kill_primary()
+        return f"SIGKILL the primary; Sentinels promoted port {store.primary_port()}; old primary back as replica"
     raise SystemExit(f"unknown fault {fault!r}; known: {', '.join(FAULTS)}, none")
 
 
@@ -495,24 +569,32 @@ def main() -> int:
                     help=f"comma-separated, injected in turn: {', '.join(FAULTS)}; 'none' for a soak")
     ap.add_argument("--interval-s", type=float, default=5.0, help="seconds between faults")
     ap.add_argument("--sentinel", action="store_true", help="Redis as primary + replica + 3 Sentinels")
+    ap.add_argument("--netns", action="store_true", help="Redis in a network namespace of its own (root)")
+    ap.add_argument("--cut-s", type=float, default=3.0, help="how long cut-link cuts the link")
     ap.add_argument("--sample-s", type=float, default=10.0, help="seconds between memory samples")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="write the counts and samples here")
     ap.add_argument("--keep-logs", action="store_true", help="keep the processes' logs (printed path)")
     args = ap.parse_args()
-    if "sentinel-failover" in args.faults and not args.sentinel:
-        ap.error("sentinel-failover needs --sentinel")
+    if ("sentinel-failover" in args.faults or "kill-primary" in args.faults) and not args.sentinel:
+        ap.error("sentinel-failover and kill-primary need --sentinel")
+    if "cut-link" in args.faults and not args.netns:
+        ap.error("cut-link needs --netns")
+    if args.netns and args.sentinel:
+        ap.error("--netns and --sentinel do not combine (yet)")
 
     work = Path(tempfile.mkdtemp(prefix="ferry-chaos-"))
-    store = Redis(work, args.sentinel)
+    store = Redis(work, args.sentinel, args.netns)
+    store.cut_s = args.cut_s
     repo = write_model(work / "models")
     logs = work / "logs"
     logs.mkdir()
-    ferry = Ferry(store.url, repo, logs)
     tally = Tally()
     codes: dict[str, int | None] = {}
     leaks: list[str] = []
+    ferry: Ferry | None = None
     try:
+        ferry = Ferry(store.url, repo, logs)
         _wait_ready(ferry)
         t0 = time.monotonic()
         until = t0 + args.duration_s
@@ -526,7 +608,7 @@ def main() -> int:
         codes = ferry.stop()
         leaks = leftover_keys(store)
     finally:
-        for p in ferry.procs.values():
+        for p in ferry.procs.values() if ferry else ():
             if p.poll() is None:
                 p.kill()
         store.stop()

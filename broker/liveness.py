@@ -33,6 +33,10 @@ from ferry.resp import RespClient
 log = logging.getLogger("ferry.liveness")
 
 REFRESH_S = 0.5
+# A model whose workers all vanished from the registry still takes requests this long:
+# a worker restarting, or workers re-registering after a Redis failover, is a gap of a
+# second or two, and the broker holds requests through such gaps (no_worker_grace_s).
+NO_WORKER_GRACE_S = 2.0
 
 
 class LiveWorkers:
@@ -46,6 +50,8 @@ class LiveWorkers:
         self.pools: Counter[str] = Counter()  # live workers per pool
         self._error: FerryError | None = Unavailable("the worker registry has not been read yet")
         self._read_at = -math.inf  # monotonic time of the last successful read
+        # model version -> since when every successful read has shown it without a worker
+        self._unserved_since: dict[tuple[str, int], float] = {}
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -83,6 +89,11 @@ class LiveWorkers:
                     served[key] += 1
         if self.on_refresh is not None:
             await self.on_refresh(served)
+        now = time.monotonic()
+        for key in served:
+            self._unserved_since.pop(key, None)
+        for key in self._served.keys() - served.keys():
+            self._unserved_since.setdefault(key, now)
         self._served, self.pools, self._error = served, pools, None
 
     async def _loop(self) -> None:
@@ -99,9 +110,13 @@ class LiveWorkers:
         return 0 if self._error else self._served[mv.key]
 
     def require(self, mv: ModelVersion) -> None:
+        """Raise UNAVAILABLE unless ``mv`` has a live worker, or lost its last one less than
+        NO_WORKER_GRACE_S ago as far as the registry could be read (after Redis was unreachable,
+        workers get that long to re-register)."""
         if self._error:
             raise self._error
-        if self._served[mv.key] == 0:
+        since = self._unserved_since.get(mv.key, -math.inf)
+        if self._served[mv.key] == 0 and time.monotonic() - since > NO_WORKER_GRACE_S:
             pools = mv.settings.pool_names
             raise Unavailable(
                 f"model {mv.name!r} v{mv.version} has no live worker (pools: {', '.join(pools)}); "

@@ -236,14 +236,21 @@ class RedisBusy(ConnectionError):
 TRANSIENT = ("LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "READONLY")
 
 
+def is_transient(reply: Any) -> bool:
+    """An error reply that means "not now" (retry later) rather than "wrong"."""
+    if not isinstance(reply, hiredis.ReplyError):
+        return False
+    text = str(reply)
+    # A script's write refused by a demoted primary says READONLY inside an ERR.
+    return text.startswith(TRANSIENT) or "READONLY" in text
+
+
 def _raise_first_error(replies: list[Any]) -> None:
     for r in replies:
         if isinstance(r, hiredis.ReplyError):
-            text = str(r)
-            # A script's write refused by a demoted primary says READONLY inside an ERR.
-            if text.startswith(TRANSIENT) or "READONLY" in text:
-                raise RedisBusy(text)
-            raise RespError(text)
+            if is_transient(r):
+                raise RedisBusy(str(r))
+            raise RespError(str(r))
 
 
 def range_entries(entries: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:

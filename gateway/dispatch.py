@@ -44,7 +44,7 @@ from ferry.errors import DeadlineExceeded, FerryError, ResourceExhausted, Unavai
 from ferry.lifecycle import cancel_all
 from ferry.redis_conn import REDIS_DOWN, connect, unavailable
 from ferry.repository import ModelVersion
-from ferry.resp import RespClient
+from ferry.resp import RedisBusy, RespClient, RespError, is_transient
 from ferry.settings import GatewaySettings
 from gateway.validate import Admission
 
@@ -124,7 +124,8 @@ class Dispatcher:
 
     async def _heartbeat_once(self) -> None:
         try:
-            await self.redis.set(self.alive_key, b"1", px=keys.GATEWAY_ALIVE_TTL_MS)
+            # The data-path connection: during a failover, the primary this gateway's requests go to.
+            await self._resp.execute([["SET", self.alive_key, b"1", "PX", keys.GATEWAY_ALIVE_TTL_MS]])
         except Exception as exc:  # down, or refusing writes (OOM): try again next beat
             log.warning("gateway heartbeat failed: %s", exc)
 
@@ -137,9 +138,8 @@ class Dispatcher:
         await cancel_all(self._tasks)
         try:
             # Alive first: from then on workers drop replies instead of pushing them.
-            await self.redis.delete(self.alive_key)
-            await self.redis.delete(self.reply_key)
-        except REDIS_DOWN:
+            await self._resp.execute([["DEL", self.alive_key], ["DEL", self.reply_key]])
+        except (*REDIS_DOWN, RespError):
             pass  # both expire on their own
         if self.late_replies:
             log.info("dropped %d replies whose calls had already ended (deadline or cancel)", self.late_replies)
@@ -256,6 +256,9 @@ class Dispatcher:
                         # Redis restarted since the scripts were loaded: nothing ran; load and resend.
                         await scripts.load_all(self._resp)
                         replies = await self._resp.execute(commands, raise_errors=False)
+                    if busy := next((r for r in replies if is_transient(r)), None):
+                        # Loading its data, failing over: like an outage, retried for a while.
+                        raise RedisBusy(str(busy))
                 except REDIS_DOWN as exc:
                     if self._retry_later(exc):
                         await asyncio.sleep(0.05)

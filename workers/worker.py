@@ -337,26 +337,36 @@ class Worker:
         per[bucket] = ms if bucket not in per else 0.8 * per[bucket] + 0.2 * ms
 
     async def _heartbeat(self) -> None:
+        failing = False
         while True:
             info = self._description()
             now_ms = int(time.time() * 1000)
             try:
-                pipe = self.redis.pipeline(transaction=False)
-                pipe.zadd(keys.WORKERS, {self.settings.worker_id: now_ms + keys.HEARTBEAT_TTL_MS})
-                pipe.set(keys.worker_info(self.settings.worker_id), info, px=keys.HEARTBEAT_TTL_MS)
-                pipe.zremrangebyscore(keys.WORKERS, "-inf", now_ms)
-                await pipe.execute()
-            except Exception as exc:  # down, or refusing writes (OOM): try again next beat
-                log.warning("heartbeat failed: %s", exc)
+                # On the data-path connection, so that during a failover the registry is
+                # written where the replies go (redis-py may already talk to the new primary).
+                await self._writes.execute([
+                    ["ZADD", keys.WORKERS, now_ms + keys.HEARTBEAT_TTL_MS, self.settings.worker_id],
+                    ["SET", keys.worker_info(self.settings.worker_id), info, "PX", keys.HEARTBEAT_TTL_MS],
+                    ["ZREMRANGEBYSCORE", keys.WORKERS, "-inf", now_ms],
+                ])
+            except Exception as exc:  # down, or refusing writes (OOM): try again soon
+                if not failing:
+                    log.warning("heartbeat failed (%s); retrying every 0.1 s", exc)
+                failing = True
+                # Soon, not in a second: after a failover the new primary may hold this
+                # worker's registration as it was seconds ago, about to expire.
+                await asyncio.sleep(0.1)
+                continue
+            if failing:
+                log.info("heartbeat restored")
+                failing = False
             await asyncio.sleep(keys.HEARTBEAT_INTERVAL_S)
 
     async def _unregister(self) -> None:
         try:
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.zrem(keys.WORKERS, self.settings.worker_id)
-            pipe.delete(keys.worker_info(self.settings.worker_id))
-            await pipe.execute()
-        except REDIS_DOWN as exc:
+            await self._writes.execute([["ZREM", keys.WORKERS, self.settings.worker_id],
+                                        ["DEL", keys.worker_info(self.settings.worker_id)]])
+        except (*REDIS_DOWN, RespError) as exc:
             log.warning("could not unregister (the heartbeat will expire): %s", exc)
 
 
