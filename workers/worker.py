@@ -4,8 +4,8 @@ The main loop claims batches and runs them (on the event loop by default: a
 thread hand-off per batch costs more than it overlaps), then writes each
 batch's replies and its acknowledgement (XACK + XDEL) to the socket at once,
 in one pipeline, replies first.  (The pipeline is not a transaction: if Redis
-refuses a reply but accepts the acknowledgement, e.g. at maxmemory, that
-reply is lost; making this exactly-once is the reliability issue's work.)
+refuses a reply but accepts the acknowledgement, at maxmemory, that reply is
+lost and its caller gets DEADLINE_EXCEEDED; see docs/reliability.md.)
 A *writer* task waits for Redis to confirm each write and retries it until
 it does.
 
