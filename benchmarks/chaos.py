@@ -24,6 +24,9 @@ turn, and the process is restarted as a supervisor (Kubernetes) would:
 * ``kill-primary``: with ``--sentinel``, SIGKILL the primary; the Sentinels notice
   (down-after 1 s) and promote the replica; the old primary is started again and
   rejoins as a replica;
+* ``kill-cluster-primary``: with ``--cluster`` (a Redis Cluster of three primaries and
+  three replicas), SIGKILL a primary; its replica takes over (node timeout 1 s) and the
+  old one rejoins as a replica;
 * ``cut-link``: with ``--netns`` (root), Redis runs in a network namespace of its own
   and its link is cut (``ip link set down``) for ``--cut-s``, then restored: TCP
   stalls, nothing is reset, every client must notice by its own timeouts.
@@ -71,7 +74,7 @@ sys.path.insert(0, str(ROOT))
 from ferry.cluster import find_redis_server, free_port  # noqa: E402
 
 FAULTS = ("kill-worker", "kill-broker", "kill-gateway", "restart-redis", "sentinel-failover", "kill-primary",
-          "cut-link")
+          "cut-link", "kill-cluster-primary")
 MODEL = "plus_one"
 
 
@@ -93,16 +96,19 @@ def write_model(root: Path) -> Path:
 
 class Redis:
     """redis-server with AOF on a fixed port and directory, so that a restart finds its data;
-    or, with sentinel, a primary, a replica and three Sentinels."""
+    or, with sentinel, a primary, a replica and three Sentinels; or, with cluster, a Redis
+    Cluster of three primaries with a replica each."""
 
-    def __init__(self, workdir: Path, sentinel: bool, netns: bool = False) -> None:
+    def __init__(self, workdir: Path, sentinel: bool, netns: bool = False, cluster: bool = False) -> None:
         binary = find_redis_server()
         if binary is None:
             raise SystemExit("no redis-server: apt-get install redis-server")
         self.binary = binary
         self.workdir = workdir
         self.sentinel = sentinel
-        self.ports = [free_port(), free_port()] if sentinel else [free_port()]
+        self.cluster = cluster
+        pick = _cluster_port if cluster else free_port
+        self.ports = [pick() for _ in range(6 if cluster else 2 if sentinel else 1)]
         self.sentinel_ports = [free_port() for _ in range(3)] if sentinel else []
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.host = "127.0.0.1"
@@ -112,11 +118,15 @@ class Redis:
             self.host = self.netns.inside
         try:
             for i, port in enumerate(self.ports):
-                self._start_server(port, replica_of=self.ports[0] if i else None)
+                self._start_server(port, replica_of=self.ports[0] if i and sentinel else None)
             for port in self.sentinel_ports:
                 self._start_sentinel(port)
             if sentinel:
                 self._wait_sentinels_ready()
+            if cluster:
+                subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
+                                "--cluster-replicas", "1", "--cluster-yes"], check=True, capture_output=True)
+                self._wait_cluster_ok()
         except BaseException:
             self.stop()
             raise
@@ -142,6 +152,8 @@ class Redis:
         if self.sentinel:
             hosts = ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports)
             return f"redis+sentinel://{hosts}/ferry/0"
+        if self.cluster:
+            return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports[:3])
         return f"redis://{self.host}:{self.ports[0]}/0"
 
     def _start_server(self, port: int, replica_of: int | None = None) -> None:
@@ -151,6 +163,9 @@ class Redis:
         args = [*wrap, self.binary, "--port", str(port), "--bind", self.host, "--protected-mode", "no",
                 "--dir", str(d), "--save", "",
                 "--appendonly", "yes", "--appendfsync", "everysec", "--daemonize", "no"]
+        if self.cluster:
+            args += ["--cluster-enabled", "yes", "--cluster-config-file", str(d / "nodes.conf"),
+                     "--cluster-node-timeout", "1000"]
         if replica_of is not None and not (d / "appendonlydir").exists():
             args += ["--replicaof", "127.0.0.1", str(replica_of)]
         self.procs[port] = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -173,6 +188,47 @@ class Redis:
 
     def client(self) -> redis.Redis:
         return redis.Redis(host=self.host, port=self.primary_port())
+
+    def clients(self) -> list[redis.Redis]:
+        """One client per primary (the whole keyspace)."""
+        if not self.cluster:
+            return [self.client()]
+        return [redis.Redis(port=p) for p in self.cluster_primaries()]
+
+    def cluster_primaries(self) -> list[int]:
+        for port in self.ports:
+            if self.procs[port].poll() is not None:
+                continue
+            with contextlib.suppress(redis.exceptions.RedisError):
+                nodes = redis.Redis(port=port, socket_timeout=1).execute_command("CLUSTER", "NODES").decode()
+                return [int(line.split()[1].split(":")[1].split("@")[0]) for line in nodes.splitlines()
+                        if "master" in line.split()[2] and "fail" not in line.split()[2]
+                        and len(line.split()) > 8]
+        raise RuntimeError("no cluster node answers")
+
+    def _wait_cluster_ok(self, timeout_s: float = 30) -> None:
+        deadline = time.monotonic() + timeout_s
+        for port in self.ports:
+            if self.procs[port].poll() is not None:
+                continue
+            while b"cluster_state:ok" not in redis.Redis(port=port).execute_command("CLUSTER", "INFO"):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"cluster node {port} not ok within {timeout_s} s")
+                time.sleep(0.1)
+
+    def kill_cluster_primary(self, rng: random.Random) -> int:
+        """SIGKILL a primary; its replica takes over (node timeout 1 s); the old one rejoins as a replica."""
+        victim = rng.choice(self.cluster_primaries())
+        self.procs[victim].kill()
+        self.procs[victim].wait()
+        deadline = time.monotonic() + 30
+        while victim in self.cluster_primaries() or len(self.cluster_primaries()) < 3:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the cluster did not fail over within 30 s")
+            time.sleep(0.05)
+        self._wait_cluster_ok()
+        self._start_server(victim)
+        return victim
 
     def cut(self, seconds: float) -> None:
         assert self.netns is not None
@@ -249,6 +305,19 @@ class Netns:
         subprocess.run(["ip", "link", "del", self.veth], capture_output=True)
 
 
+def _cluster_port() -> int:
+    """A free port whose cluster-bus port (port + 10000) is valid and free too."""
+    import socket
+
+    while True:
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.bind(("127.0.0.1", port + 10000))
+            return port
+
+
 def _wait_ping(port: int, host: str = "127.0.0.1", timeout_s: float = 10) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -265,9 +334,10 @@ def _wait_ping(port: int, host: str = "127.0.0.1", timeout_s: float = 10) -> Non
 class Ferry:
     """Brokers, workers and gateways as child processes, restarted when killed."""
 
-    def __init__(self, redis_url: str, repo: Path, logdir: Path) -> None:
+    def __init__(self, redis_url: str, repo: Path, logdir: Path, settings: dict[str, str] | None = None) -> None:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("FERRY_") and k != "REDIS_URL"}
         self.env.update(FERRY_REDIS_URL=redis_url, FERRY_MODEL_REPOSITORY=str(repo), PYTHONUNBUFFERED="1")
+        self.env.update(settings or {})
         self.logdir = logdir
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.gateway_ports = [free_port(), free_port()]
@@ -503,6 +573,9 @@ def apply_fault(fault: str, ferry: Ferry, store: Redis, rng: random.Random) -> s
     if fault == "cut-link":
         store.cut(store.cut_s)
         return f"Redis link cut for {store.cut_s:.1f} s, restored"
+    if fault == "kill-cluster-primary":
+        port = store.kill_cluster_primary(rng)
+        return f"SIGKILL cluster primary {port}; its replica took over; it rejoined as a replica"
     if fault == "kill-primary":
         store.kill_primary()
         return f"SIGKILL the primary; Sentinels promoted port {store.primary_port()}; old primary back as replica"
@@ -511,10 +584,10 @@ def apply_fault(fault: str, ferry: Ferry, store: Redis, rng: random.Random) -> s
 
 def sample(ferry: Ferry, store: Redis, at: float) -> dict[str, object]:
     out: dict[str, object] = {"at_s": round(at, 1), "rss_kib": ferry.rss_kib()}
-    with contextlib.suppress(redis.exceptions.RedisError):
-        r = store.client()
-        out["redis_used_memory"] = int(r.info("memory")["used_memory"])
-        out["redis_keys"] = int(r.dbsize())
+    with contextlib.suppress(redis.exceptions.RedisError, RuntimeError):
+        clients = store.clients()
+        out["redis_used_memory"] = sum(int(r.info("memory")["used_memory"]) for r in clients)
+        out["redis_keys"] = sum(int(r.dbsize()) for r in clients)
     return out
 
 
@@ -541,9 +614,8 @@ def report(tally: Tally, args: argparse.Namespace, codes: dict[str, int | None],
 def leftover_keys(store: Redis) -> list[str]:
     """Keys that will not go away on their own: non-empty streams, entries still pending, and
     keys without a TTL other than the statistics hashes.  (A killed gateway's keys expire.)"""
-    r = store.client()
     out = []
-    for key in r.scan_iter(count=1000):
+    for r, key in ((c, k) for c in store.clients() for k in c.scan_iter(count=1000)):
         name = key.decode()
         kind = r.type(key)
         if r.pttl(key) > 0:
@@ -569,6 +641,9 @@ def main() -> int:
                     help=f"comma-separated, injected in turn: {', '.join(FAULTS)}; 'none' for a soak")
     ap.add_argument("--interval-s", type=float, default=5.0, help="seconds between faults")
     ap.add_argument("--sentinel", action="store_true", help="Redis as primary + replica + 3 Sentinels")
+    ap.add_argument("--set", action="append", default=[], metavar="FERRY_KNOB=VALUE",
+                    help="a setting for every Ferry process (repeatable), e.g. FERRY_REDIS_TIMEOUT_S=5")
+    ap.add_argument("--cluster", action="store_true", help="Redis Cluster: 3 primaries + 3 replicas")
     ap.add_argument("--netns", action="store_true", help="Redis in a network namespace of its own (root)")
     ap.add_argument("--cut-s", type=float, default=3.0, help="how long cut-link cuts the link")
     ap.add_argument("--sample-s", type=float, default=10.0, help="seconds between memory samples")
@@ -580,11 +655,13 @@ def main() -> int:
         ap.error("sentinel-failover and kill-primary need --sentinel")
     if "cut-link" in args.faults and not args.netns:
         ap.error("cut-link needs --netns")
-    if args.netns and args.sentinel:
-        ap.error("--netns and --sentinel do not combine (yet)")
+    if args.netns + args.sentinel + args.cluster > 1:
+        ap.error("--netns, --sentinel and --cluster do not combine (yet)")
+    if "kill-cluster-primary" in args.faults and not args.cluster:
+        ap.error("kill-cluster-primary needs --cluster")
 
     work = Path(tempfile.mkdtemp(prefix="ferry-chaos-"))
-    store = Redis(work, args.sentinel, args.netns)
+    store = Redis(work, args.sentinel, args.netns, args.cluster)
     store.cut_s = args.cut_s
     repo = write_model(work / "models")
     logs = work / "logs"
@@ -594,7 +671,7 @@ def main() -> int:
     leaks: list[str] = []
     ferry: Ferry | None = None
     try:
-        ferry = Ferry(store.url, repo, logs)
+        ferry = Ferry(store.url, repo, logs, dict(kv.split("=", 1) for kv in args.set))
         _wait_ready(ferry)
         t0 = time.monotonic()
         until = t0 + args.duration_s

@@ -28,7 +28,7 @@ from ferry.errors import FerryError, Unavailable
 from ferry.lifecycle import cancel_all
 from ferry.redis_conn import REDIS_DOWN, unavailable
 from ferry.repository import ModelVersion
-from ferry.resp import RespClient
+from ferry.resp import DataClient
 
 log = logging.getLogger("ferry.liveness")
 
@@ -40,7 +40,7 @@ NO_WORKER_GRACE_S = 2.0
 
 
 class LiveWorkers:
-    def __init__(self, redis: RespClient, redis_url: str) -> None:
+    def __init__(self, redis: DataClient, redis_url: str) -> None:
         self._redis = redis
         self._url = redis_url
         # Called with each new view before calls can see it, so that anything derived
@@ -69,7 +69,8 @@ class LiveWorkers:
             # registry must not keep the last worker of a cluster forever.
             _, ids = await self._redis.execute([["ZREMRANGEBYSCORE", keys.WORKERS, "-inf", now_ms],
                                                 ["ZRANGEBYSCORE", keys.WORKERS, now_ms, "+inf"]])
-            infos = await self._redis.call("MGET", *(keys.worker_info(i.decode()) for i in ids)) if ids else []
+            # GETs, not one MGET: on a Redis Cluster the registrations live in different slots.
+            infos = await self._redis.execute([["GET", keys.worker_info(i.decode())] for i in ids]) if ids else []
         except REDIS_DOWN as exc:
             if time.monotonic() - self._read_at < keys.HEARTBEAT_TTL_MS / 1000:
                 log.warning("worker registry unreadable (%s); keeping the last view", exc)

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker import scripts
-from ferry.resp import RespClient, range_entries
+from ferry.resp import DataClient, range_entries
 
 CLAIM_COUNT = 256  # pending entries looked at per stream and pass
 RECLAIM_S = 1.0  # how often live processes look for orphans
@@ -57,13 +57,13 @@ class Claimed:
     fields: dict[bytes, bytes]
 
 
-async def live_members(client: RespClient, registry: str) -> set[bytes]:
+async def live_members(client: DataClient, registry: str) -> set[bytes]:
     """Ids whose heartbeat has not expired in a registry ZSET (score = expiry, ms)."""
     now_ms = int(time.time() * 1000)
     return set(await client.call("ZRANGEBYSCORE", registry, now_ms, "+inf"))
 
 
-async def claim_orphans(client: RespClient, stream: str, group: str, consumer: str, live: set[bytes],
+async def claim_orphans(client: DataClient, stream: str, group: str, consumer: str, live: set[bytes],
                         min_idle_ms: int) -> list[Claimed]:
     """Claim for ``consumer`` the pending entries of ``stream`` whose consumer is not in ``live``."""
     pending = await client.call("XPENDING", stream, group, "IDLE", min_idle_ms, "-", "+", CLAIM_COUNT)
@@ -72,7 +72,7 @@ async def claim_orphans(client: RespClient, stream: str, group: str, consumer: s
     return await _claim(client, stream, group, consumer, min_idle_ms, orphans)
 
 
-async def claim_forgotten(client: RespClient, stream: str, group: str, consumer: str, held: set[bytes],
+async def claim_forgotten(client: DataClient, stream: str, group: str, consumer: str, held: set[bytes],
                           min_idle_ms: int = FORGOTTEN_IDLE_MS) -> list[Claimed]:
     """Take back ``consumer``'s own pending entries of ``stream`` that are not in ``held``."""
     pending = await client.call("XPENDING", stream, group, "IDLE", min_idle_ms, "-", "+", CLAIM_COUNT, consumer)
@@ -81,7 +81,7 @@ async def claim_forgotten(client: RespClient, stream: str, group: str, consumer:
     return await _claim(client, stream, group, consumer, min_idle_ms, lost)
 
 
-async def _claim(client: RespClient, stream: str, group: str, consumer: str, min_idle_ms: int,
+async def _claim(client: DataClient, stream: str, group: str, consumer: str, min_idle_ms: int,
                  wanted: dict[bytes, int]) -> list[Claimed]:
     """XCLAIM ``wanted`` (entry id: deliveries so far); atomic, so of two claimants one wins."""
     if not wanted:
@@ -93,7 +93,7 @@ async def _claim(client: RespClient, stream: str, group: str, consumer: str, min
             if entry_id in wanted]
 
 
-async def forget_dead_consumers(client: RespClient, stream: str, group: str, live: set[bytes],
+async def forget_dead_consumers(client: DataClient, stream: str, group: str, live: set[bytes],
                                 min_idle_ms: int) -> int:
     """Delete the group's consumers that are not alive, idle ``min_idle_ms`` and hold no entries."""
     dropped = 0

@@ -74,7 +74,8 @@ from ferry.errors import Code
 from ferry.lifecycle import cancel_all
 from ferry.redis_conn import REDIS_DOWN, connect, ensure_group
 from ferry.repository import ModelVersion, Repository
-from ferry.resp import RespClient, RespError, range_entries, stream_entries
+from ferry.resp import DataClient, RespError, range_entries, stream_entries
+from ferry.resp_cluster import data_client, stream_groups
 from ferry.settings import BrokerSettings
 
 log = logging.getLogger("ferry.broker")
@@ -105,8 +106,8 @@ class Broker:
         self.settings = settings
         self.repo = repo
         self.redis = connect(settings.redis_url, settings.redis_timeout_s)
-        self._reads = RespClient(settings.redis_url, settings.redis_timeout_s + IDLE_BLOCK_MS / 1000)
-        self._writes = RespClient(settings.redis_url, settings.redis_timeout_s)
+        self._reads = data_client(settings.redis_url, settings.redis_timeout_s + IDLE_BLOCK_MS / 1000)
+        self._writes = data_client(settings.redis_url, settings.redis_timeout_s)
         self.live = LiveWorkers(self._writes, settings.redis_url)
         self._stopping = asyncio.Event()
         self._kick = asyncio.Event()
@@ -187,7 +188,23 @@ class Broker:
     # --- reading ----------------------------------------------------------------------
 
     async def _reader(self) -> None:
-        streams = list(self._models)
+        # One blocking read covers every model's stream; on a Redis Cluster, one per slot
+        # (a command's keys must share one), each on a connection of its own.
+        groups = stream_groups(self._reads, list(self._models))
+        if len(groups) == 1:
+            await self._read_loop(self._reads, groups[0])
+            return
+        clients = [data_client(self.settings.redis_url, self._reads.timeout_s) for _ in groups]
+        tasks = [asyncio.create_task(self._read_loop(c, g), name=f"reader-{i}")
+                 for i, (c, g) in enumerate(zip(clients, groups, strict=True))]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            await cancel_all(tasks)
+            for c in clients:
+                await c.close()
+
+    async def _read_loop(self, client: DataClient, streams: list[bytes | str]) -> None:
         read: list[bytes | str | int] = [
             "XREADGROUP", "GROUP", keys.BROKER_GROUP, self.settings.broker_id,
             "COUNT", self.settings.read_count, "BLOCK", IDLE_BLOCK_MS, "STREAMS",
@@ -196,7 +213,7 @@ class Broker:
         backoff = 0.05
         while not self._stopping.is_set():
             try:
-                resp = stream_entries(await self._reads.call(*read))
+                resp = stream_entries(await client.call(*read))
                 if resp:
                     self._take_in(resp)
                     self._kick.set()

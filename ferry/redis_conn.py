@@ -6,6 +6,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel
 
 from ferry.errors import Unavailable
@@ -22,6 +23,11 @@ def connect(url: str, timeout_s: float, *, max_connections: int = 64) -> Any:
     The data path uses ferry.resp instead; blocking reads live there too.
     """
     t = parse_url(url)
+    if t.cluster:
+        return RedisCluster(
+            startup_nodes=[ClusterNode(h, p) for h, p in t.sentinels], username=t.username, password=t.password,
+            socket_connect_timeout=timeout_s, socket_timeout=timeout_s, max_connections=max_connections,
+            decode_responses=False)
     if t.sentinel:
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
             list(t.sentinels), sentinel_kwargs={"socket_connect_timeout": timeout_s, "socket_timeout": timeout_s})

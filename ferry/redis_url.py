@@ -7,6 +7,10 @@
                                                       Redis Sentinel: the Sentinels are
                                                       asked for the current primary of
                                                       ``service`` at every (re)connect
+    redis+cluster://[[user]:password@]host:port[,host:port...]
+                                                      Redis Cluster: any of the nodes;
+                                                      the rest is learned from CLUSTER
+                                                      SLOTS (database 0 only)
 
 With Sentinel, credentials in the URL are the primary's; the Sentinels are
 contacted without them (Sentinel's own ``requirepass`` is not supported yet).
@@ -22,24 +26,28 @@ from urllib.parse import parse_qs, unquote, urlparse
 
 from ferry.errors import ConfigError
 
-SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://")
+SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "redis+cluster://")
 
 
 @dataclass(frozen=True)
 class RedisTarget:
-    scheme: str  # redis, rediss, unix or redis+sentinel
+    scheme: str  # redis, rediss, unix, redis+sentinel or redis+cluster
     host: str = "127.0.0.1"
     port: int = 6379
     path: str = ""  # unix socket
     db: int = 0
     username: str | None = None
     password: str | None = None
-    sentinels: tuple[tuple[str, int], ...] = ()
+    sentinels: tuple[tuple[str, int], ...] = ()  # Sentinels, or a cluster's seed nodes
     service: str = ""
 
     @property
     def sentinel(self) -> bool:
         return self.scheme == "redis+sentinel"
+
+    @property
+    def cluster(self) -> bool:
+        return self.scheme == "redis+cluster"
 
 
 def parse(url: str) -> RedisTarget:
@@ -61,6 +69,14 @@ def parse(url: str) -> RedisTarget:
                 raise ValueError("redis+sentinel://host:port[,host:port...]/service[/db] names no Sentinel or service")
             return RedisTarget("redis+sentinel", db=int(parts[1]) if len(parts) > 1 else 0, username=user,
                                password=password, sentinels=sentinels, service=parts[0])
+        if u.scheme == "redis+cluster":
+            hosts = u.netloc.rsplit("@", 1)[-1]
+            seeds = tuple(_host_port(h, 6379) for h in hosts.split(",") if h)
+            if not seeds:
+                raise ValueError("redis+cluster://host:port[,host:port...] names no node")
+            if u.path.strip("/") not in ("", "0"):
+                raise ValueError("Redis Cluster has database 0 only")
+            return RedisTarget("redis+cluster", username=user, password=password, sentinels=seeds)
         db = u.path.strip("/")
         return RedisTarget(u.scheme, host=u.hostname or "127.0.0.1", port=u.port or 6379,
                            db=int(db or query.get("db", ["0"])[0]), username=user, password=password)

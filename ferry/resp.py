@@ -20,7 +20,7 @@ import asyncio
 import ssl
 from collections import deque
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import hiredis
 
@@ -91,6 +91,29 @@ class _Protocol(asyncio.Protocol):
             b = self.batches.popleft()
             if not b.future.done():
                 b.future.set_exception(ConnectionError(f"Redis connection lost: {self.lost}"))
+
+
+class DataClient(Protocol):
+    """What the data path needs of a Redis client: RespClient, or resp_cluster.ClusterClient."""
+
+    url: str
+    timeout_s: float
+
+    @property
+    def connections(self) -> int: ...
+
+    async def execute(self, commands: Sequence[Command], *, timeout_s: float | None = None,
+                      raise_errors: bool = True) -> list[Any]: ...
+
+    def send_now(self, commands: Sequence[Command]) -> asyncio.Future[list[Any]] | None: ...
+
+    async def confirm(self, sent: asyncio.Future[list[Any]], *, raise_errors: bool = True) -> list[Any]: ...
+
+    async def call(self, *args: bytes | str | int | float, timeout_s: float | None = None) -> Any: ...
+
+    def drop(self) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 class RespClient:

@@ -44,7 +44,8 @@ from ferry.errors import DeadlineExceeded, FerryError, ResourceExhausted, Unavai
 from ferry.lifecycle import cancel_all
 from ferry.redis_conn import REDIS_DOWN, connect, unavailable
 from ferry.repository import ModelVersion
-from ferry.resp import RedisBusy, RespClient, RespError, is_transient
+from ferry.resp import DataClient, RedisBusy, RespError, is_transient
+from ferry.resp_cluster import data_client
 from ferry.settings import GatewaySettings
 from gateway.validate import Admission
 
@@ -80,8 +81,8 @@ class Dispatcher:
         self.alive_key = keys.gateway_alive(settings.gateway_id)
         self.redis = connect(settings.redis_url, settings.redis_timeout_s)
         # The data path: pipelined writes, and a blocking-read connection of its own.
-        self._resp = RespClient(settings.redis_url, settings.redis_timeout_s)
-        self._listen = RespClient(settings.redis_url, settings.redis_timeout_s + LISTEN_BLOCK_S)
+        self._resp = data_client(settings.redis_url, settings.redis_timeout_s)
+        self._listen = data_client(settings.redis_url, settings.redis_timeout_s + LISTEN_BLOCK_S)
         self._pending: dict[int, asyncio.Future[Reply]] = {}
         self._corr = itertools.count(1)
         # A future of None marks a re-sent copy (see _resend_if_reconnected).
@@ -105,15 +106,17 @@ class Dispatcher:
         self.late_replies = 0
 
     @property
-    def resp(self) -> RespClient:
+    def resp(self) -> DataClient:
         """The data-path Redis client, shared with the worker registry's reads."""
         return self._resp
 
     async def start(self) -> None:
         try:
-            version = (await self.redis.info("server")).get("redis_version", "0")
-            self._blmpop = int(str(version).split(".")[0]) >= 7
-        except REDIS_DOWN as exc:
+            info = (await self._resp.call("INFO", "server")).decode()
+            version = next((line.split(":", 1)[1] for line in info.splitlines()
+                            if line.startswith("redis_version:")), "0")
+            self._blmpop = int(version.split(".")[0]) >= 7
+        except (*REDIS_DOWN, RespError) as exc:
             log.warning("cannot read the Redis version (%s); assuming Redis 6.2", exc)
         await self._heartbeat_once()
         self._tasks = [

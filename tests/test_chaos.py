@@ -66,3 +66,13 @@ def test_cut_redis_link_loses_nothing(tmp_path: Path) -> None:
                             "--duration-s", "16", "--interval-s", "5")
     assert any("link cut" in what for _, what in result["faults"]), stdout  # type: ignore[attr-defined]
     assert result["ok"] > 500, stdout  # type: ignore[operator]
+
+
+@pytest.mark.timeout(180)
+def test_redis_cluster_failover_loses_nothing(tmp_path: Path) -> None:
+    # A cluster failover takes 2-3 s (node timeout 1 s, then an election): requests wait for it
+    # with a redis_timeout_s above that.
+    result, stdout = _chaos(tmp_path, "--cluster", "--faults", "kill-cluster-primary,kill-worker",
+                            "--set", "FERRY_REDIS_TIMEOUT_S=5", "--duration-s", "16", "--interval-s", "5")
+    assert any("cluster primary" in what for _, what in result["faults"]), stdout  # type: ignore[attr-defined]
+    assert result["ok"] > 500, stdout  # type: ignore[operator]

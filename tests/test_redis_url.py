@@ -6,6 +6,7 @@ import pytest
 
 from ferry.errors import ConfigError
 from ferry.redis_url import parse, redact
+from ferry.resp_cluster import key_of, slot
 
 
 def test_plain_tls_and_unix_urls() -> None:
@@ -40,3 +41,28 @@ def test_credentials_never_reach_messages() -> None:
     with pytest.raises(ConfigError) as err:
         parse("redis://user:s3cret@db:6379/x")
     assert "s3cret" not in str(err.value)
+
+
+def test_cluster_url_names_its_seed_nodes() -> None:
+    t = parse("redis+cluster://:pw@10.0.0.1:7000,10.0.0.2")
+    assert t.cluster and t.sentinels == (("10.0.0.1", 7000), ("10.0.0.2", 6379)) and t.password == "pw"
+    with pytest.raises(ConfigError, match="database 0 only"):
+        parse("redis+cluster://10.0.0.1:7000/3")
+
+
+def test_cluster_slots_follow_hash_tags() -> None:
+    # Reference values from the Redis Cluster specification (CRC16/XMODEM mod 16384).
+    assert slot("123456789") == 0x31C3 % 16384
+    assert slot("foo") == 12182
+    assert slot("ferry:{m:model}:v1:requests") == slot("ferry:{m:model}:v1:queued") == slot("m:model")
+    assert slot("{}x") == slot("{}x") != slot("x")  # an empty tag: the whole key is hashed
+
+
+def test_cluster_commands_route_by_their_key() -> None:
+    assert key_of(["EVALSHA", "sha", 2, "k1", "k2", "arg"]) == "k1"
+    assert key_of(["EVALSHA", "sha", 0, "arg"]) is None
+    assert key_of(["XREADGROUP", "GROUP", "g", "c", "COUNT", 5, "STREAMS", "s1", ">"]) == "s1"
+    assert key_of(["BLMPOP", 1, 1, "list", "LEFT"]) == "list"
+    assert key_of(["XINFO", "CONSUMERS", "stream", "g"]) == "stream"
+    assert key_of(["SCRIPT", "LOAD", "return 1"]) is None
+    assert key_of(["XADD", "stream", "*", "f", "v"]) == "stream"

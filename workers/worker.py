@@ -46,7 +46,8 @@ from ferry.errors import Code
 from ferry.lifecycle import cancel_all
 from ferry.redis_conn import REDIS_DOWN, connect, ensure_group
 from ferry.repository import Repository
-from ferry.resp import RespClient, RespError, stream_entries
+from ferry.resp import RespError, stream_entries
+from ferry.resp_cluster import data_client
 from ferry.settings import WorkerSettings
 from workers.batch import BatchResult, BatchRunner
 from workers.recovery import triage
@@ -81,8 +82,8 @@ class Worker:
             if settings.pool in mv.settings.pool_names:
                 self.models[mv.key] = BatchRunner(mv, load_runtime(settings, mv))
         self.redis = connect(settings.redis_url, settings.redis_timeout_s)
-        self._reads = RespClient(settings.redis_url, settings.redis_timeout_s + READ_BLOCK_MS / 1000)
-        self._writes = RespClient(settings.redis_url, settings.redis_timeout_s)
+        self._reads = data_client(settings.redis_url, settings.redis_timeout_s + READ_BLOCK_MS / 1000)
+        self._writes = data_client(settings.redis_url, settings.redis_timeout_s)
         self._stopping = asyncio.Event()
         self._carry: list[_Claimed] = []
         self._reclaimed: list[_Claimed] = []  # taken over from dead workers; run before new reads
