@@ -235,7 +235,7 @@ class RespClient:
             # Sentinel, ask again where the primary is) on the next call.
             self.drop()
         if raise_errors:
-            _raise_first_error(replies)
+            raise_first_error(replies)
         return replies
 
     async def call(self, *args: bytes | str | int | float, timeout_s: float | None = None) -> Any:
@@ -268,7 +268,7 @@ def is_transient(reply: Any) -> bool:
     return text.startswith(TRANSIENT) or "READONLY" in text
 
 
-def _raise_first_error(replies: list[Any]) -> None:
+def raise_first_error(replies: list[Any]) -> None:
     for r in replies:
         if isinstance(r, hiredis.ReplyError):
             if is_transient(r):

@@ -22,7 +22,7 @@ from typing import Any
 import hiredis
 
 from ferry.redis_url import parse as parse_url
-from ferry.resp import Command, DataClient, RespClient, RespError, _raise_first_error
+from ferry.resp import Command, DataClient, RespClient, RespError, raise_first_error
 
 REDIRECTS = 3
 SLOTS = 16384
@@ -166,7 +166,7 @@ class ClusterClient:
                 break
             await self._refresh()
         if raise_errors:
-            _raise_first_error(replies)
+            raise_first_error(replies)
         return replies
 
     def send_now(self, commands: Sequence[Command]) -> asyncio.Future[list[Any]] | None:
@@ -178,7 +178,7 @@ class ClusterClient:
         async with asyncio.timeout(self.timeout_s):
             replies = await sent
         if raise_errors:
-            _raise_first_error(replies)
+            raise_first_error(replies)
         return replies
 
     async def call(self, *args: bytes | str | int | float, timeout_s: float | None = None) -> Any:

@@ -38,8 +38,9 @@ def _instance_id() -> str:
 @dataclass(frozen=True)
 class CommonSettings:
     redis_url: str = knob(
-        DEFAULT_REDIS_URL, "Redis URL: redis://, rediss://, unix:///path?db=N or "
-        "redis+sentinel://host:port[,host:port...]/service[/db] (see docs/reliability.md); also read from REDIS_URL"
+        DEFAULT_REDIS_URL, "Redis URL: redis://, rediss://, unix:///path?db=N, "
+        "redis+sentinel://host:port[,host:port...]/service[/db] or redis+cluster://host:port[,host:port...] "
+        "(see docs/reliability.md); also read from REDIS_URL"
     )
     model_repository: Path = knob(
         Path("models"), "model repository: <repo>/<model>/config.pbtxt and <repo>/<model>/<version>/model.onnx"
