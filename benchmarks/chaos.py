@@ -336,7 +336,8 @@ class Ferry:
 
     def __init__(self, redis_url: str, repo: Path, logdir: Path, settings: dict[str, str] | None = None) -> None:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("FERRY_") and k != "REDIS_URL"}
-        self.env.update(FERRY_REDIS_URL=redis_url, FERRY_MODEL_REPOSITORY=str(repo), PYTHONUNBUFFERED="1")
+        self.env.update(FERRY_REDIS_URL=redis_url, FERRY_MODEL_REPOSITORY=str(repo), PYTHONUNBUFFERED="1",
+                        FERRY_METRICS_PORT="0")
         self.env.update(settings or {})
         self.logdir = logdir
         self.procs: dict[str, subprocess.Popen[bytes]] = {}

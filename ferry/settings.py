@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from ferry.errors import ConfigError
 from ferry.redis_url import parse as parse_redis_url
@@ -37,6 +37,8 @@ def _instance_id() -> str:
 
 @dataclass(frozen=True)
 class CommonSettings:
+    DEFAULT_METRICS_PORT: ClassVar[int] = -1
+
     redis_url: str = knob(
         DEFAULT_REDIS_URL, "Redis URL: redis://, rediss://, unix:///path?db=N, "
         "redis+sentinel://host:port[,host:port...]/service[/db] or redis+cluster://host:port[,host:port...] "
@@ -52,6 +54,11 @@ class CommonSettings:
         20.0, "on SIGTERM, seconds to finish in-flight work before exiting (keep below "
         "Kubernetes' terminationGracePeriodSeconds)"
     )
+    metrics_port: int = knob(
+        -2, "HTTP port of this process's Prometheus /metrics (0: any free port, logged; -1: off; "
+        "default: 8002 for a gateway, as Triton, 8003 for a broker, 8004 for a worker)"
+    )
+    metrics_host: str = knob("0.0.0.0", "address the /metrics HTTP server binds")
 
     def __post_init__(self) -> None:
         parse_redis_url(self.redis_url)  # ConfigError naming what is wrong
@@ -59,12 +66,18 @@ class CommonSettings:
             raise ConfigError("redis_timeout_s must be > 0")
         if self.grace_s < 0:
             raise ConfigError("grace_s must be >= 0")
+        if not -2 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port {self.metrics_port} is not a TCP port (0: any free port, -1: off)")
+        if self.metrics_port == -2:
+            object.__setattr__(self, "metrics_port", self.DEFAULT_METRICS_PORT)
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log_level {self.log_level!r} must be DEBUG, INFO, WARNING or ERROR")
 
 
 @dataclass(frozen=True)
 class GatewaySettings(CommonSettings):
+    DEFAULT_METRICS_PORT: ClassVar[int] = 8002
+
     host: str = knob("0.0.0.0", "address the gRPC server binds")
     grpc_port: int = knob(8001, "gRPC port (8001, as Triton); 0 picks a free port")
     max_message_bytes: int = knob(64 * 1024 * 1024, "largest request message accepted (RESOURCE_EXHAUSTED beyond)")
@@ -100,6 +113,8 @@ class GatewaySettings(CommonSettings):
 
 @dataclass(frozen=True)
 class BrokerSettings(CommonSettings):
+    DEFAULT_METRICS_PORT: ClassVar[int] = 8003
+
     broker_id: str = knob("", "unique id of this broker in Redis (default: host-pid-random)")
     batch_window: str = knob(
         "adaptive", "when a partial batch leaves: 'adaptive' (as soon as the model's pool has room; "
@@ -158,6 +173,8 @@ ARENA_STRATEGIES = ("kNextPowerOfTwo", "kSameAsRequested")
 
 @dataclass(frozen=True)
 class WorkerSettings(CommonSettings):
+    DEFAULT_METRICS_PORT: ClassVar[int] = 8004
+
     pool: str = knob(
         "cpu", "pool this worker serves (cpu, gpu, neuron or a custom name); it runs every model whose "
         "ferry.pools lists this pool"

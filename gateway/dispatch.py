@@ -40,6 +40,7 @@ from typing import Any
 
 from broker import keys, scripts
 from broker.messages import Queued, Stat, cancel_fields, group_fields, iter_replies
+from ferry import metrics
 from ferry.errors import DeadlineExceeded, FerryError, ResourceExhausted, Unavailable
 from ferry.lifecycle import cancel_all
 from ferry.redis_conn import REDIS_DOWN, connect, unavailable
@@ -91,6 +92,7 @@ class Dispatcher:
         # corr -> (where it queues, the request, the connection it was last sent on)
         self._inflight: dict[int, tuple[_Outbox, Queued, int]] = {}
         self._connection = 0
+        self._rtt = metrics.REDIS_RTT.labels("gateway")
         self._round: list[tuple[_Outbox, Queued, asyncio.Future[Reply] | None]] = []  # what this round sends
         self._round_cancels: dict[ModelVersion, list[int]] = {}
         self._down_since: float | None = None  # since when Redis has been unreachable
@@ -104,6 +106,7 @@ class Dispatcher:
         self._tasks: list[asyncio.Task[None]] = []
         self._blmpop = False
         self.late_replies = 0
+        metrics.INFLIGHT.set_function(lambda: len(self._pending))
 
     @property
     def resp(self) -> DataClient:
@@ -254,7 +257,9 @@ class Dispatcher:
             commands, admits = self._commands()
             try:
                 try:
+                    sent_at = time.perf_counter()
                     replies = await self._resp.execute(commands, raise_errors=False)
+                    self._rtt.observe(time.perf_counter() - sent_at)
                     if any(isinstance(r, Exception) and str(r).startswith("NOSCRIPT") for r in replies):
                         # Redis restarted since the scripts were loaded: nothing ran; load and resend.
                         await scripts.load_all(self._resp)
@@ -334,6 +339,7 @@ class Dispatcher:
             self._inflight[corr] = (where, queued, -1)
         if again:
             self.resent += len(again)
+            metrics.RESENT.inc(len(again))
             log.warning("Redis connection replaced: queueing %d waiting request(s) again, in case Redis lost them",
                         len(again))
             self._ready.set()
@@ -373,5 +379,6 @@ class Dispatcher:
                     fut = pending.get(corr)
                     if fut is None or fut.done():
                         self.late_replies += 1
+                        metrics.DROPPED_REPLIES.inc()
                     else:
                         fut.set_result((code, body))

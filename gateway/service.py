@@ -18,6 +18,7 @@ import grpc
 
 import ferry
 from broker.liveness import LiveWorkers
+from ferry import metrics
 from ferry.errors import FerryError, InvalidArgument, NotFound, Unimplemented
 from ferry.lifecycle import cancel_all
 from ferry.pbwire import len_field
@@ -42,6 +43,7 @@ class InferenceService:
         self.dispatcher = dispatcher
         self.live = LiveWorkers(dispatcher.resp, settings.redis_url)
         self.validators = {mv.key: RequestValidator(mv) for mv in repo.all_versions()}
+        self._labels = {mv.key: (mv.name, str(mv.version)) for mv in repo.all_versions()}
 
     # --- health and metadata -------------------------------------------------------
 
@@ -137,15 +139,29 @@ class InferenceService:
             raise InvalidArgument("request is not a valid ModelInferRequest message") from None
         mv: ModelVersion = self.repo.get(req.model_name, req.model_version)
         started = time.perf_counter_ns()
+        status = "INTERNAL"
         try:
-            admission = self.validators[mv.key].check(req)
-            self.live.require(mv)
-            code, body = await self.dispatcher.submit(mv, admission, raw, timeout_s)
-        except FerryError:
-            # Failures the gateway decides on; workers count the ones they decide on.
-            self.dispatcher.count_failure(mv, time.perf_counter_ns() - started)
+            try:
+                admission = self.validators[mv.key].check(req)
+                self.live.require(mv)
+                code, body = await self.dispatcher.submit(mv, admission, raw, timeout_s)
+            except FerryError:
+                # Failures the gateway decides on; workers count the ones they decide on.
+                self.dispatcher.count_failure(mv, time.perf_counter_ns() - started)
+                raise
+            answer = raise_for_reply(code, body)
+            status = "OK"
+            return answer
+        except FerryError as exc:
+            status = exc.code.name
             raise
-        return raise_for_reply(code, body)
+        except asyncio.CancelledError:
+            status = "CANCELLED"
+            raise
+        finally:
+            labels = self._labels[mv.key]
+            metrics.REQUESTS.labels(*labels, status).inc()
+            metrics.REQUEST_DURATION.labels(*labels).observe((time.perf_counter_ns() - started) / 1e9)
 
     async def model_infer(self, raw: bytes, context: Any) -> bytes:
         return await self._infer(raw, self._timeout(context))

@@ -37,6 +37,8 @@ def render() -> str:
             if skip and f.name in skip:
                 continue
             default = f.default if f.default != "" else "(generated)"
+            if f.name == "metrics_port":
+                default = "8002 / 8003 / 8004 (gateway / broker / worker)"
             parts.append(f"| `--{f.name.replace('_', '-')}` | `{cfg.ENV_PREFIX}{f.name.upper()}` | `{default}` "
                          f"| {f.metadata['help']} |")
     return "\n".join(parts) + "\n"

@@ -40,7 +40,8 @@ class Cluster:
         self.url = f"127.0.0.1:{self.port}"
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("FERRY_") and k != "REDIS_URL"}
-        self.env.update(FERRY_REDIS_URL=self.redis.url, FERRY_MODEL_REPOSITORY=str(repo), PYTHONUNBUFFERED="1")
+        self.env.update(FERRY_REDIS_URL=self.redis.url, FERRY_MODEL_REPOSITORY=str(repo), PYTHONUNBUFFERED="1",
+                        FERRY_METRICS_PORT="0")
         self.spawn("broker", *broker_args)
         for _ in range(workers):
             self.spawn("worker")

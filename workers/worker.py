@@ -42,6 +42,7 @@ from broker.reclaim import (
     forget_dead_consumers,
     live_members,
 )
+from ferry import metrics
 from ferry.errors import Code
 from ferry.lifecycle import cancel_all
 from ferry.redis_conn import REDIS_DOWN, connect, ensure_group
@@ -204,6 +205,11 @@ class Worker:
         took = time.perf_counter_ns() - started if result.rows_run else 0
         if took:
             self._observe_latency((first.model, first.version), result.rows_run, took / 1e9)
+            labels = (first.model, str(first.version))
+            metrics.COMPUTE_DURATION.labels(*labels).observe(took / 1e9)
+            metrics.BATCH_SIZE.labels(*labels).observe(result.rows_run)
+            metrics.INFERENCES.labels(*labels).inc(result.rows_run)
+            metrics.EXECUTIONS.labels(*labels).inc()
         commands.append(["PUBLISH", self.done_channel, done_notice(first.model, first.version, result.rows_run,
                                                                    took, ids)])
         # Replies hit the socket now, before the next read; the writer only waits for
@@ -273,6 +279,7 @@ class Worker:
                         len(forgotten))
             self._in_hand.update(c.entry_id for c in forgotten)
             self._reclaimed += [_Claimed(c.entry_id, c.fields) for c in forgotten]
+            metrics.RECOVERED.labels(self.settings.pool, "forgotten").inc(len(forgotten))
         if claimed:
             plan = triage(claimed, self.settings.pool, self.settings.max_attempts)
             if plan.commands:
@@ -281,6 +288,9 @@ class Worker:
             self._reclaimed += [_Claimed(c.entry_id, c.fields) for c in plan.run]
             log.warning("took over %d batch(es) of dead workers: %d to run again, %d split, %d dead-lettered",
                         len(claimed), len(plan.run), plan.split, plan.dead)
+            metrics.TAKEN_OVER.labels("worker").inc(len(claimed))
+            for outcome, n in (("rerun", len(plan.run)), ("split", plan.split), ("dead_letter", plan.dead)):
+                metrics.RECOVERED.labels(self.settings.pool, outcome).inc(n)
         if forget:
             await forget_dead_consumers(self._writes, self.stream, keys.WORKER_GROUP, live, ORPHAN_IDLE_MS)
 
@@ -345,11 +355,13 @@ class Worker:
             try:
                 # On the data-path connection, so that during a failover the registry is
                 # written where the replies go (redis-py may already talk to the new primary).
+                sent_at = time.perf_counter()
                 await self._writes.execute([
                     ["ZADD", keys.WORKERS, now_ms + keys.HEARTBEAT_TTL_MS, self.settings.worker_id],
                     ["SET", keys.worker_info(self.settings.worker_id), info, "PX", keys.HEARTBEAT_TTL_MS],
                     ["ZREMRANGEBYSCORE", keys.WORKERS, "-inf", now_ms],
                 ])
+                metrics.REDIS_RTT.labels("worker").observe(time.perf_counter() - sent_at)
             except Exception as exc:  # down, or refusing writes (OOM): try again soon
                 if not failing:
                     log.warning("heartbeat failed (%s); retrying every 0.1 s", exc)
