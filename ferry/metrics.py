@@ -13,11 +13,95 @@ pools from the configuration, statuses from the gRPC code set.
 
 from __future__ import annotations
 
+import bisect
 import logging
+from collections.abc import Iterator, Sequence
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Gauge, start_http_server
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
 
 log = logging.getLogger("ferry.metrics")
+
+
+class _CounterChild:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class _HistogramChild:
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one: above every bound (+Inf)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+
+class Counter(Collector):
+    """A labelled counter that costs a dict lookup and an add on the request path.
+
+    prometheus_client's own takes a lock per call (about 2.5 us with ``labels``); these
+    are only ever changed from one thread, the event loop's, and read by the scrape
+    thread, for which the GIL is enough (a scrape may see a sum one event ahead of its
+    count, which Prometheus tolerates).
+    """
+
+    def __init__(self, name: str, doc: str, labelnames: Sequence[str] = ()) -> None:
+        self.name, self.doc, self.labelnames = name, doc, list(labelnames)
+        self._children: dict[tuple[str, ...], _CounterChild] = {}
+        REGISTRY.register(self)
+
+    def labels(self, *values: str) -> _CounterChild:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = _CounterChild()
+        return child
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.labels().inc(amount)
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(self.name, self.doc, labels=self.labelnames)
+        for values, child in list(self._children.items()):
+            family.add_metric(list(values), child.value)
+        yield family
+
+
+class Histogram(Collector):
+    """A labelled histogram: a bisect and two adds per observation (see Counter)."""
+
+    def __init__(self, name: str, doc: str, labelnames: Sequence[str] = (), *, buckets: Sequence[float]) -> None:
+        self.name, self.doc, self.labelnames = name, doc, list(labelnames)
+        self.bounds = tuple(float(b) for b in buckets)
+        self._children: dict[tuple[str, ...], _HistogramChild] = {}
+        REGISTRY.register(self)
+
+    def labels(self, *values: str) -> _HistogramChild:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = _HistogramChild(self.bounds)
+        return child
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self.name, self.doc, labels=self.labelnames)
+        for values, child in list(self._children.items()):
+            counts, total = list(child.counts), child.sum
+            cumulative, buckets = 0, []
+            for bound, n in zip((*self.bounds, float("inf")), counts, strict=True):
+                cumulative += n
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+            family.add_metric(list(values), buckets, total)
+        yield family
 
 MODEL = ("model", "version")
 # From 0.5 ms to 60 s: a batch-1 call on a CPU through a whole deadline.
