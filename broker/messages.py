@@ -15,6 +15,7 @@ deadlines by as much).
                 share a batch; deadline: the client's (or the gateway's default) deadline;
                 timeout: end of the queue-policy timeout (0 = none)
        0..k-1   each request's ModelInferRequest exactly as received on the wire
+       t        (only when tracing) JSON ``[traceparent, ...]``, one per request ('' = not traced)
 
    The gateway validates requests but forwards the clients' own bytes: it
    never re-encodes tensors.
@@ -35,6 +36,8 @@ deadlines by as much).
        0..n-1   the members' request bytes, in header order
        f        (optional) worker deaths this batch, or the batch it was split from, was
                 running in (workers.recovery); absent = 0
+       t        (only when tracing) JSON ``[traceparent, ...]``, one per member
+       tb       (only when tracing) traceparent of the broker's ``batch`` span (ferry.tracing)
 
    Payloads stay separate fields, so forming a batch copies no tensor bytes
    in the broker; the worker joins them along the batch dimension once.
@@ -78,6 +81,8 @@ F_SHAPE = b"s"
 F_CANCEL = b"c"
 F_FAILURES = b"f"
 F_WHY = b"why"  # dead letters only: why the batch was dead-lettered
+F_TRACE = b"t"
+F_TRACE_BATCH = b"tb"
 
 GROUP_STRIDE = 4  # corr, rows, deadline ns, timeout ns
 BATCH_STRIDE = 5  # gateway index, corr, rows, enqueue ns, deadline ns
@@ -102,6 +107,7 @@ class Member:
     enqueued_ns: int
     deadline_ns: int
     payload: bytes
+    trace: str = ""
 
 
 @dataclass(slots=True)
@@ -114,6 +120,7 @@ class Group:
     shape: str
     members: list[int]  # flat, GROUP_STRIDE per request
     payloads: list[bytes]
+    traces: list[str]  # [] when none is traced
 
 
 @dataclass(slots=True)
@@ -125,6 +132,7 @@ class Queued:
     deadline_ns: int
     timeout_ns: int
     payload: bytes
+    trace: str = ""
 
 
 def _json(value: object) -> bytes:
@@ -139,6 +147,8 @@ def group_fields(gateway: str, enqueued_ns: int, level: int, shape: str,
         flat += (q.corr, q.rows, q.deadline_ns, q.timeout_ns)
         fields[_field(i)] = q.payload
     fields[F_HEADER] = _json([enqueued_ns, level, shape, flat])
+    if any(q.trace for q in requests):
+        fields[F_TRACE] = _json([q.trace for q in requests])
     return fields
 
 
@@ -155,11 +165,13 @@ def parse_cancel(fields: Fields) -> tuple[str, list[int]] | None:
 def parse_group(fields: Fields) -> Group:
     enqueued_ns, level, shape, flat = json.loads(fields[F_HEADER])
     n = len(flat) // GROUP_STRIDE
-    return Group(fields[F_REPLY].decode(), enqueued_ns, level, shape, flat, [fields[_field(i)] for i in range(n)])
+    traces = json.loads(fields[F_TRACE]) if F_TRACE in fields else []
+    return Group(fields[F_REPLY].decode(), enqueued_ns, level, shape, flat, [fields[_field(i)] for i in range(n)],
+                 traces)
 
 
 def batch_fields(model: str, version: int, shape: str, members: Sequence[Member],
-                 failures: int = 0) -> dict[bytes, bytes]:
+                 failures: int = 0, trace: str = "") -> dict[bytes, bytes]:
     fields: dict[bytes, bytes] = {F_MODEL: model.encode(), F_VERSION: b"%d" % version, F_SHAPE: shape.encode()}
     if failures:
         fields[F_FAILURES] = b"%d" % failures
@@ -170,16 +182,25 @@ def batch_fields(model: str, version: int, shape: str, members: Sequence[Member]
         flat += (gi, m.corr, m.rows, m.enqueued_ns, m.deadline_ns)
         fields[_field(i)] = m.payload
     fields[F_HEADER] = _json([list(gateways), flat])
+    if trace:
+        fields[F_TRACE_BATCH] = trace.encode()
+        fields[F_TRACE] = _json([m.trace for m in members])
     return fields
 
 
 def parse_batch(fields: Fields) -> tuple[str, int, str, list[Member]]:
     gateways, flat = json.loads(fields[F_HEADER])
+    traces = json.loads(fields[F_TRACE]) if F_TRACE in fields else None
     members = [
-        Member(gateways[flat[j]], flat[j + 1], flat[j + 2], flat[j + 3], flat[j + 4], fields[_field(i)])
+        Member(gateways[flat[j]], flat[j + 1], flat[j + 2], flat[j + 3], flat[j + 4], fields[_field(i)],
+               traces[i] if traces else "")
         for i, j in enumerate(range(0, len(flat), BATCH_STRIDE))
     ]
     return fields[F_MODEL].decode(), int(fields[F_VERSION]), fields.get(F_SHAPE, b"").decode(), members
+
+
+def batch_trace(fields: Fields) -> str:
+    return fields.get(F_TRACE_BATCH, b"").decode()
 
 
 def batch_failures(fields: Fields) -> int:

@@ -134,6 +134,7 @@ class Request:
     delayed: bool = False
     doomed: float = 0.0  # > 0: the queue ahead needs this long, past its deadline: reject at once
     token: int = 0  # changes whenever it is (re)placed: older copies in deques and heaps are stale
+    trace: str = ""  # W3C traceparent of its request span ('' = not traced)
 
 
 @dataclass(slots=True)

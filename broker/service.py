@@ -79,6 +79,7 @@ from ferry.repository import ModelVersion, Repository
 from ferry.resp import DataClient, RespError, range_entries, stream_entries
 from ferry.resp_cluster import data_client, stream_groups
 from ferry.settings import BrokerSettings
+from ferry.tracing import Tracing
 
 log = logging.getLogger("ferry.broker")
 
@@ -150,6 +151,7 @@ class Broker:
         for name in self._pools:
             metrics.LIVE_WORKERS.labels(name).set_function(functools.partial(_live, self.live, name))
         self._rtt = metrics.REDIS_RTT.labels("broker")
+        self.tracing = Tracing("ferry-broker", settings.otlp_endpoint, settings.trace_sample_ratio, settings.broker_id)
         self._model_list = list(self._models.values())
         self._sha_ack = scripts.sha(scripts.ACK_REQUESTS)
         self._tasks: list[asyncio.Task[None]] = []
@@ -193,6 +195,7 @@ class Broker:
             await self.redis.aclose()
             await self._reads.close()
             await self._writes.close()
+            self.tracing.shutdown()
             log.info("broker %s stopped after %d batches (%d requests rejected, %d cancelled)",
                      self.settings.broker_id, self.batches_sent, self.rejected, self.cancelled)
 
@@ -271,6 +274,7 @@ class Broker:
                         deadline=now + (deadline_ns - wall) / 1e9 if deadline_ns else math.inf,
                         timeout_at=now + (timeout_ns - wall) / 1e9 if timeout_ns else math.inf,
                         level=min(g.level, levels - 1), shape=g.shape, payload=g.payloads[i],
+                        trace=g.traces[i] if g.traces else "",
                     ), ahead_rows=ahead)
 
     async def _reclaimer(self) -> None:
@@ -453,9 +457,15 @@ class Broker:
             rejections += self._unserved(model, now, drain)
         for model, pool, batch in self._form(now, drain):
             members = [Member(r.gateway, r.corr, r.rows, r.enqueued_ns,
-                              _wall_ns(r.deadline, now), r.payload) for r in batch]
+                              _wall_ns(r.deadline, now), r.payload, r.trace) for r in batch]
+            trace = ""
+            if self.tracing.enabled:
+                trace = self.tracing.broker_spans(
+                    [(r.trace, r.enqueued_ns) for r in batch], time.time_ns(),
+                    {"ferry.model": model.mv.name, "ferry.pool": pool.name, "ferry.rows": sum(r.rows for r in batch),
+                     "ferry.requests": len(batch)})
             xadd: list[bytes | str | int] = ["XADD", pool.stream, "*"]
-            for f, v in batch_fields(model.mv.name, model.mv.version, batch[0].shape, members).items():
+            for f, v in batch_fields(model.mv.name, model.mv.version, batch[0].shape, members, trace=trace).items():
                 xadd += (f, v)
             commands.append(xadd)
             sent.append((model, pool, batch))

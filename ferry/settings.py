@@ -59,6 +59,13 @@ class CommonSettings:
         "default: 8002 for a gateway, as Triton, 8003 for a broker, 8004 for a worker)"
     )
     metrics_host: str = knob("0.0.0.0", "address the /metrics HTTP server binds")
+    otlp_endpoint: str = knob(
+        "", "OpenTelemetry collector (OTLP/gRPC, e.g. http://otel-collector:4317) to send traces to; empty = "
+        "tracing off (needs the tracing extra: pip install 'ferry-serve[tracing]')"
+    )
+    trace_sample_ratio: float = knob(
+        1.0, "share of new traces sampled (0-1); a request whose client sent a traceparent follows its decision"
+    )
 
     def __post_init__(self) -> None:
         parse_redis_url(self.redis_url)  # ConfigError naming what is wrong
@@ -66,6 +73,8 @@ class CommonSettings:
             raise ConfigError("redis_timeout_s must be > 0")
         if self.grace_s < 0:
             raise ConfigError("grace_s must be >= 0")
+        if not 0.0 <= self.trace_sample_ratio <= 1.0:
+            raise ConfigError("trace_sample_ratio must be between 0 and 1")
         if not -2 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port {self.metrics_port} is not a TCP port (0: any free port, -1: off)")
         if self.metrics_port == -2:

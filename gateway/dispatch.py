@@ -153,7 +153,8 @@ class Dispatcher:
         await self._resp.close()
         await self._listen.close()
 
-    async def submit(self, mv: ModelVersion, adm: Admission, payload: bytes, timeout_s: float) -> Reply:
+    async def submit(self, mv: ModelVersion, adm: Admission, payload: bytes, timeout_s: float,
+                     trace: str = "") -> Reply:
         """Queue one validated request; wait for its (code, body) reply."""
         if len(self._pending) >= self.settings.max_inflight:
             raise ResourceExhausted(
@@ -166,7 +167,7 @@ class Dispatcher:
         self._pending[corr] = fut
         now_ns = time.time_ns()
         timeout_ns = now_ns + adm.queue_timeout_us * 1000 if adm.queue_timeout_us else 0
-        queued = Queued(corr, adm.rows, now_ns + int(timeout_s * 1e9), timeout_ns, payload)
+        queued = Queued(corr, adm.rows, now_ns + int(timeout_s * 1e9), timeout_ns, payload, trace)
         where = (mv, adm.level, adm.shape)
         self._outbox[where].append((queued, fut))
         self._inflight[corr] = (where, queued, -1)

@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ferry.repository import Repository
 from ferry.settings import GatewaySettings
+from ferry.tracing import Tracing
 from gateway.dispatch import Dispatcher
 from gateway.service import InferenceService, method_handlers
 from protos import grpc_service_pb2 as pb
@@ -43,9 +44,10 @@ async def serve(
     settings: GatewaySettings, repo: Repository, stop: asyncio.Event,
     on_started: Callable[[int], None] | None = None,
 ) -> None:
+    tracing = Tracing("ferry-gateway", settings.otlp_endpoint, settings.trace_sample_ratio, settings.gateway_id)
     dispatcher = Dispatcher(settings)
     await dispatcher.start()
-    service = InferenceService(settings, repo, dispatcher)
+    service = InferenceService(settings, repo, dispatcher, tracing)
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -75,4 +77,5 @@ async def serve(
         await server.stop(settings.grace_s)
         await service.live.close()
         await dispatcher.close()
+        tracing.shutdown()
         log.info("gateway %s stopped", settings.gateway_id)

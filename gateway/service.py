@@ -25,6 +25,7 @@ from ferry.pbwire import len_field
 from ferry.redis_conn import REDIS_DOWN, unavailable
 from ferry.repository import ModelVersion, Repository
 from ferry.settings import GatewaySettings
+from ferry.tracing import OFF, Tracing
 from gateway import statistics
 from gateway.dispatch import Dispatcher
 from gateway.status import describe, raise_for_reply, unary
@@ -37,8 +38,10 @@ EXTENSIONS = ["model_configuration", "statistics", "model_repository", "paramete
 
 
 class InferenceService:
-    def __init__(self, settings: GatewaySettings, repo: Repository, dispatcher: Dispatcher) -> None:
+    def __init__(self, settings: GatewaySettings, repo: Repository, dispatcher: Dispatcher,
+                 tracing: Tracing = OFF) -> None:
         self.settings = settings
+        self.tracing = tracing
         self.repo = repo
         self.dispatcher = dispatcher
         self.live = LiveWorkers(dispatcher.resp, settings.redis_url)
@@ -132,7 +135,7 @@ class InferenceService:
         limit = self.settings.request_timeout_s
         return limit if remaining is None else min(remaining, limit)
 
-    async def _infer(self, raw: bytes, timeout_s: float) -> bytes:
+    async def _infer(self, raw: bytes, timeout_s: float, context: Any = None) -> bytes:
         try:
             req = pb.ModelInferRequest.FromString(raw)
         except Exception:
@@ -140,11 +143,16 @@ class InferenceService:
         mv: ModelVersion = self.repo.get(req.model_name, req.model_version)
         started = time.perf_counter_ns()
         status = "INTERNAL"
+        span = None
+        trace = ""
+        if self.tracing.enabled:
+            span = self.tracing.server_span(context.invocation_metadata() if context else None, mv.name, mv.version)
+            trace = self.tracing.traceparent(span)
         try:
             try:
                 admission = self.validators[mv.key].check(req)
                 self.live.require(mv)
-                code, body = await self.dispatcher.submit(mv, admission, raw, timeout_s)
+                code, body = await self.dispatcher.submit(mv, admission, raw, timeout_s, trace)
             except FerryError:
                 # Failures the gateway decides on; workers count the ones they decide on.
                 self.dispatcher.count_failure(mv, time.perf_counter_ns() - started)
@@ -159,12 +167,15 @@ class InferenceService:
             status = "CANCELLED"
             raise
         finally:
+            if span is not None:
+                span.set_attribute("rpc.grpc.status", status)
+                span.end()
             labels = self._labels[mv.key]
             metrics.REQUESTS.labels(*labels, status).inc()
             metrics.REQUEST_DURATION.labels(*labels).observe((time.perf_counter_ns() - started) / 1e9)
 
     async def model_infer(self, raw: bytes, context: Any) -> bytes:
-        return await self._infer(raw, self._timeout(context))
+        return await self._infer(raw, self._timeout(context), context)
 
     async def model_stream_infer(self, requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
         """Answer each streamed request as soon as it completes (not in order), like Triton."""
@@ -173,7 +184,7 @@ class InferenceService:
 
         async def one(raw: bytes) -> None:
             try:
-                body = await self._infer(raw, self._timeout(context))
+                body = await self._infer(raw, self._timeout(context), context)
                 out.put_nowait(len_field(2, body))  # ModelStreamInferResponse.infer_response
             except asyncio.CancelledError:
                 raise

@@ -26,7 +26,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from broker import keys, scripts
-from broker.messages import F_WHY, batch_failures, batch_fields, done_notice, encode_reply, parse_batch
+from broker.messages import (
+    F_WHY,
+    batch_failures,
+    batch_fields,
+    batch_trace,
+    done_notice,
+    encode_reply,
+    parse_batch,
+)
 from broker.reclaim import Claimed
 from ferry.errors import Code
 
@@ -64,7 +72,7 @@ def triage(claimed: list[Claimed], pool: str, max_attempts: int) -> Triage:
             half = len(members) // 2
             for part in (members[:half], members[half:]):
                 xadd: Command = ["XADD", stream, "*"]
-                for f, v in batch_fields(model, version, shape, part, failures).items():
+                for f, v in batch_fields(model, version, shape, part, failures, batch_trace(c.fields)).items():
                     xadd += (f, v)
                 out.commands.append(xadd)
             out.split += 1

@@ -32,7 +32,16 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from broker import keys, scripts
-from broker.messages import Member, Stat, WorkerInfo, done_notice, encode_reply, model_label, parse_batch
+from broker.messages import (
+    Member,
+    Stat,
+    WorkerInfo,
+    batch_trace,
+    done_notice,
+    encode_reply,
+    model_label,
+    parse_batch,
+)
 from broker.reclaim import (
     FORGET_EVERY,
     ORPHAN_IDLE_MS,
@@ -50,6 +59,7 @@ from ferry.repository import Repository
 from ferry.resp import RespError, stream_entries
 from ferry.resp_cluster import data_client
 from ferry.settings import WorkerSettings
+from ferry.tracing import Tracing
 from workers.batch import BatchResult, BatchRunner
 from workers.recovery import triage
 from workers.runtime import load_runtime
@@ -61,11 +71,12 @@ STATS_FLUSH_S = 0.1
 
 
 class _Claimed:
-    __slots__ = ("entry_id", "members", "model", "rows", "shape", "version")
+    __slots__ = ("entry_id", "members", "model", "rows", "shape", "trace", "version")
 
     def __init__(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         self.entry_id = entry_id
         self.model, self.version, self.shape, self.members = parse_batch(fields)
+        self.trace = batch_trace(fields)
         self.rows = sum(m.rows for m in self.members)
 
     @property
@@ -92,6 +103,7 @@ class Worker:
         # must not take back.
         self._in_hand: set[bytes] = set()
         self._fault = _id_marker(settings.fault_exit_on_id) if settings.fault_exit_on_id else b""
+        self.tracing = Tracing("ferry-worker", settings.otlp_endpoint, settings.trace_sample_ratio, settings.worker_id)
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="ferry-compute")
         self._outbox: asyncio.Queue[
             tuple[list[list[bytes | str | int]], asyncio.Future[list[Any]] | None, list[bytes]]
@@ -143,6 +155,7 @@ class Worker:
             await self.redis.aclose()
             await self._reads.close()
             await self._writes.close()
+            self.tracing.shutdown()
             log.info("worker %s stopped after %d batches", self.settings.worker_id, self.batches_run)
 
     async def _read(self, count: int, block: int | None) -> list[_Claimed]:
@@ -203,6 +216,12 @@ class Worker:
         commands = self._reply_commands(ids, result)
         # Rows 0 (nothing ran): the notice only frees room in the pool; the broker learns nothing from it.
         took = time.perf_counter_ns() - started if result.rows_run else 0
+        if self.tracing.enabled and first.trace:
+            end_ns = time.time_ns()
+            start_ns = end_ns - (time.perf_counter_ns() - started)
+            self.tracing.compute_span(first.trace, [m.trace for m in members], start_ns, end_ns,
+                                      {"ferry.model": first.model, "ferry.rows": result.rows_run,
+                                       "ferry.pool": self.settings.pool, "ferry.batches": len(claimed)})
         if took:
             self._observe_latency((first.model, first.version), result.rows_run, took / 1e9)
             labels = (first.model, str(first.version))
