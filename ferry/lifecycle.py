@@ -20,6 +20,11 @@ from typing import Any
 log = logging.getLogger("ferry")
 
 
+# Structured fields a log call may pass with ``extra=``; they become keys of the JSON line (and
+# key=value pairs in text).  A fixed list, so nothing else (a tensor, a token) can reach a log.
+FIELDS = ("request_id", "model", "version", "status", "duration_ms", "trace_id")
+
+
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
@@ -28,9 +33,19 @@ class _JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        for key in FIELDS:
+            if key in record.__dict__:
+                doc[key] = record.__dict__[key]
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
         return json.dumps(doc)
+
+
+class _TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        pairs = " ".join(f"{k}={record.__dict__[k]}" for k in FIELDS if k in record.__dict__)
+        return f"{text} {pairs}" if pairs else text
 
 
 def setup_logging(level: str, as_json: bool) -> None:
@@ -38,7 +53,7 @@ def setup_logging(level: str, as_json: bool) -> None:
     if as_json:
         handler.setFormatter(_JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -170,6 +170,11 @@ class InferenceService:
             if span is not None:
                 span.set_attribute("rpc.grpc.status", status)
                 span.end()
+            if log.isEnabledFor(logging.DEBUG):  # one line per request: --log-level DEBUG only
+                log.debug("request answered", extra={
+                    "request_id": req.id, "model": mv.name, "version": mv.version, "status": status,
+                    "duration_ms": round((time.perf_counter_ns() - started) / 1e6, 3),
+                    **({"trace_id": trace.split("-")[1]} if trace else {})})
             labels = self._labels[mv.key]
             metrics.REQUESTS.labels(*labels, status).inc()
             metrics.REQUEST_DURATION.labels(*labels).observe((time.perf_counter_ns() - started) / 1e9)
