@@ -183,7 +183,44 @@ def parser() -> argparse.ArgumentParser:
                     help="write throughput and p99 against batch size here (.svg, .png; needs matplotlib)")
     pr.add_argument("--json", type=Path, default=None, help="write every figure as JSON here")
     _add_worker_knobs(pr, PROFILE_KNOBS)
+    he = sub.add_parser(
+        "health", help="probe a Ferry process (container HEALTHCHECK, Kubernetes exec probes)",
+        description="Exit 0 when the process answers: a gateway over grpc.health.v1 (--grpc, SERVING "
+        "required), a broker or worker over its metrics endpoint (--http). Exit 1 otherwise, with the reason.",
+    )
+    he.add_argument("--grpc", metavar="HOST:PORT", default=None, help="a gateway's gRPC address, e.g. 127.0.0.1:8001")
+    he.add_argument("--http", metavar="HOST:PORT", default=None,
+                    help="a process's metrics address, e.g. 127.0.0.1:8003")
+    he.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for an answer")
     return p
+
+
+def _health(ns: argparse.Namespace) -> int:
+    """0 when the probed process answers healthy; 1 (with the reason on stderr) otherwise."""
+    if bool(ns.grpc) == bool(ns.http):
+        raise ConfigError("say what to probe: --grpc HOST:PORT (a gateway) or --http HOST:PORT (its metrics)")
+    try:
+        if ns.grpc:
+            import grpc
+            from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+            with grpc.insecure_channel(ns.grpc) as channel:
+                status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=ns.timeout)
+            if status.status != health_pb2.HealthCheckResponse.SERVING:
+                print(f"ferry health: {ns.grpc} is {health_pb2.HealthCheckResponse.ServingStatus.Name(status.status)}",
+                      file=sys.stderr)
+                return 1
+        else:
+            import urllib.request
+
+            with urllib.request.urlopen(f"http://{ns.http}/metrics", timeout=ns.timeout) as resp:
+                if resp.status != 200:
+                    print(f"ferry health: {ns.http} answered HTTP {resp.status}", file=sys.stderr)
+                    return 1
+    except Exception as exc:  # any failure to answer is "unhealthy", said plainly
+        print(f"ferry health: {ns.grpc or ns.http} did not answer: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
             from workers.profile import main as profile
 
             return profile(ns)
+        elif ns.command == "health":
+            return _health(ns)
     except ConfigError as exc:
         print(f"ferry {ns.command}: error: {exc.message}", file=sys.stderr)
         return 2

@@ -99,3 +99,17 @@ def test_pool_backlog_and_age_are_sampled(metered: Cluster, ports: dict[str, int
         time.sleep(0.1)
     assert value(br, "ferry_pool_backlog", pool="cpu") >= 0
     assert value(br, "ferry_pool_oldest_batch_age_seconds", pool="cpu") >= 0
+
+
+def test_health_command_probes_gateway_and_metrics(metered: Cluster, ports: dict[str, int]) -> None:
+    # `ferry health` is what the images' HEALTHCHECK and exec probes run.
+    import subprocess
+    import sys
+
+    def health(*args: str) -> int:
+        return subprocess.run([sys.executable, "-m", "ferry.cli", "health", *args], capture_output=True,
+                              timeout=30).returncode
+
+    assert health("--grpc", metered.url) == 0
+    assert health("--http", f"127.0.0.1:{ports['broker']}") == 0
+    assert health("--http", f"127.0.0.1:{ports['worker']}") == 0
