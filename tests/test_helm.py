@@ -1,0 +1,121 @@
+"""The Helm chart, rendered and linted offline with the embedded Helm 4 library (helm-python-sdk)
+for several values files, every manifest validated against the Kubernetes schemas
+(kubernetes-validate) and every KEDA ScaledObject against KEDA's (cloudcoil-models-keda).
+No cluster exists here: nothing is installed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+helm = pytest.importorskip("helm_python", reason="helm-python-sdk comes with the dev extra")
+kubernetes_validate = pytest.importorskip("kubernetes_validate")
+
+CHART = Path(__file__).resolve().parent.parent / "helm" / "ferry"
+KUBE = "1.30.0"
+VALUES = {"default": {}} | {p.stem: yaml.safe_load(p.read_text()) for p in sorted((CHART / "ci").glob("*.yaml"))}
+# Custom resources kubernetes-validate has no schema for; ScaledObjects are checked with KEDA's.
+CRDS = {"ScaledObject", "PodMonitor", "PrometheusRule", "GRPCRoute"}
+
+
+def render(values: dict[str, Any]) -> list[dict[str, Any]]:
+    out = helm.Chart.load(str(CHART)).render(values, name="ferry", namespace="inference")
+    docs = [d for name, text in out.items() if not name.endswith("NOTES.txt") for d in yaml.safe_load_all(text)]
+    return [d for d in docs if d]
+
+
+def kinds(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+@pytest.mark.parametrize("case", list(VALUES))
+def test_chart_lints_clean(case: str) -> None:
+    report = helm.lint(str(CHART), VALUES[case], strict=True, kube_version=f"v{KUBE}")
+    problems = [m for m in report["messages"] if m["severity"] >= 2] + report["errors"]
+    assert not problems, problems
+
+
+@pytest.mark.parametrize("case", list(VALUES))
+def test_every_manifest_is_valid_kubernetes(case: str) -> None:
+    from cloudcoil.models.keda.v1alpha1 import ScaledObject
+
+    docs = render(VALUES[case])
+    assert docs
+    for doc in docs:
+        if doc["kind"] == "ScaledObject":
+            ScaledObject.model_validate(doc)
+        elif doc["kind"] not in CRDS:
+            kubernetes_validate.validate(doc, KUBE, strict=True)
+
+
+def test_default_release_has_every_part_hardened() -> None:
+    docs = render({})
+    deployments = kinds(docs, "Deployment")
+    assert set(deployments) == {"ferry-gateway", "ferry-broker", "ferry-worker-cpu"}
+    assert "ferry-redis" in kinds(docs, "StatefulSet")
+    assert set(kinds(docs, "PodDisruptionBudget")) == set(deployments)
+    for d in deployments.values():
+        pod = d["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        for c in pod["containers"]:
+            assert c["securityContext"]["readOnlyRootFilesystem"] is True
+            assert c["livenessProbe"] and c["readinessProbe"]
+        assert pod["initContainers"][0]["args"] == ["example-model", "/models"]
+    gateway = deployments["ferry-gateway"]["spec"]["template"]["spec"]["containers"][0]
+    assert gateway["readinessProbe"]["grpc"]["port"] == 8001
+    scaled = kinds(docs, "ScaledObject")["ferry-worker-cpu"]["spec"]
+    trigger = scaled["triggers"][0]
+    assert trigger["type"] == "redis-streams"
+    assert trigger["metadata"]["stream"] == "ferry:{p:cpu}:batches"
+    assert trigger["metadata"]["consumerGroup"] == "workers"
+    assert trigger["metadata"]["address"] == "ferry-redis:6379"
+
+
+def test_accelerator_pools_get_devices_placement_and_scale_to_zero() -> None:
+    docs = render(VALUES["gpu-neuron-values"])
+    deployments = kinds(docs, "Deployment")
+    gpu = deployments["ferry-worker-gpu"]["spec"]["template"]["spec"]
+    assert gpu["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert gpu["containers"][0]["image"].endswith("/worker-gpu:0.1.0")
+    assert gpu["runtimeClassName"] == "nvidia" and gpu["tolerations"][0]["key"] == "nvidia.com/gpu"
+    neuron = deployments["ferry-worker-neuron"]["spec"]["template"]["spec"]
+    assert neuron["containers"][0]["resources"]["limits"]["aws.amazon.com/neuroncore"] == 2
+    assert neuron["schedulerName"] == "my-scheduler"
+    assert "--neuron-cores" in neuron["containers"][0]["args"]
+    assert kinds(docs, "ScaledObject")["ferry-worker-gpu"]["spec"]["minReplicaCount"] == 0
+    rule = kinds(docs, "PrometheusRule")["ferry"]
+    assert {r["alert"] for r in rule["spec"]["groups"][0]["rules"]} >= {"FerryPoolWithoutWorkers"}
+    assert "ferry-dashboard.json" in kinds(docs, "ConfigMap")["ferry-dashboard"]["data"]
+
+
+def test_external_redis_comes_from_a_secret_and_nothing_is_bundled() -> None:
+    docs = render(VALUES["external-redis-values"])
+    assert not kinds(docs, "StatefulSet")
+    env = kinds(docs, "Deployment")["ferry-broker"]["spec"]["template"]["spec"]["containers"][0]["env"]
+    url = next(e for e in env if e["name"] == "FERRY_REDIS_URL")
+    assert url["valueFrom"]["secretKeyRef"] == {"name": "ferry-redis", "key": "url"}
+    volumes = kinds(docs, "Deployment")["ferry-gateway"]["spec"]["template"]["spec"]["volumes"]
+    assert volumes[0]["persistentVolumeClaim"]["claimName"] == "ferry-models"
+    assert "ferry-gateway" in kinds(docs, "Ingress") and "ferry-gateway" in kinds(docs, "GRPCRoute")
+
+
+def test_without_keda_pools_get_cpu_hpas() -> None:
+    docs = render(VALUES["no-keda-values"])
+    assert not kinds(docs, "ScaledObject")
+    assert kinds(docs, "HorizontalPodAutoscaler")["ferry-worker-cpu"]["spec"]["maxReplicas"] == 10
+
+
+@pytest.mark.parametrize("bad, says", [
+    ({"pools": [{"name": "Bad Name", "runtime": "onnx-cpu"}]}, "pattern"),
+    ({"pools": [{"name": "tpu", "runtime": "tpu"}]}, "runtime"),
+    ({"gateway": {"replicas": 0}}, "replicas"),
+    ({"redis": {"url": "http://nope"}}, "url"),
+    ({"gatway": {}}, "gatway"),
+])
+def test_values_schema_rejects_mistakes(bad: dict[str, Any], says: str) -> None:
+    report = helm.lint(str(CHART), bad)
+    text = " ".join([m["error"] for m in report["messages"] if m["severity"] == 3] + report["errors"])
+    assert says in text, report
