@@ -23,6 +23,11 @@ a cluster too)::
                                             each) that were running every time a worker
                                             died, N times (workers.recovery), with the
                                             reason; capped at DEAD_LETTER_MAXLEN entries.
+    ferry:{p:<pool>}:wake                   LIST    one element while a model needs the pool and it
+                                            has no live worker: what an autoscaler wakes a
+                                            pool scaled to zero on (the Helm chart's KEDA
+                                            trigger). Set by brokers with a TTL, deleted by
+                                            the pool's workers' heartbeats.
     ferry:{g:<gateway>}:replies             LIST    reply bundles for the calls one gateway
                                             holds, pushed by workers only while the
                                             gateway is alive (broker.scripts.PUSH_REPLY)
@@ -56,6 +61,7 @@ WORKER_GROUP = "workers"
 WORKERS = f"{PREFIX}:workers"
 BROKERS = f"{PREFIX}:brokers"
 DEAD_LETTER_MAXLEN = 1000
+WAKE_TTL_MS = 60_000  # a wake-up signal outlives the demand that raised it by this much
 
 # How long an unread reply list outlives its last push: long enough to ride out a
 # gateway's Redis reconnect, short enough that a dead gateway leaves nothing behind.
@@ -92,6 +98,10 @@ def pool_stream(pool: str) -> str:
 
 def dead_letters(pool: str) -> str:
     return f"{PREFIX}:{{p:{pool}}}:dead"
+
+
+def wake_list(pool: str) -> str:
+    return f"{PREFIX}:{{p:{pool}}}:wake"
 
 
 def reply_list(gateway_id: str) -> str:

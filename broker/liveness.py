@@ -33,15 +33,12 @@ from ferry.resp import DataClient
 log = logging.getLogger("ferry.liveness")
 
 REFRESH_S = 0.5
-# A model whose workers all vanished from the registry still takes requests this long:
-# a worker restarting, or workers re-registering after a Redis failover, is a gap of a
-# second or two, and the broker holds requests through such gaps (no_worker_grace_s).
-NO_WORKER_GRACE_S = 2.0
 
 
 class LiveWorkers:
-    def __init__(self, redis: DataClient, redis_url: str) -> None:
+    def __init__(self, redis: DataClient, redis_url: str, grace_s: float = 2.0) -> None:
         self._redis = redis
+        self.grace_s = grace_s
         self._url = redis_url
         # Called with each new view before calls can see it, so that anything derived
         # from it (the gRPC health status) is never behind ServerReady.
@@ -50,8 +47,8 @@ class LiveWorkers:
         self.pools: Counter[str] = Counter()  # live workers per pool
         self._error: FerryError | None = Unavailable("the worker registry has not been read yet")
         self._read_at = -math.inf  # monotonic time of the last successful read
-        # model version -> since when every successful read has shown it without a worker
-        self._unserved_since: dict[tuple[str, int], float] = {}
+        # model version without a live worker -> (first, last) request asking for it meanwhile
+        self._asked: dict[tuple[str, int], tuple[float, float]] = {}
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -90,11 +87,8 @@ class LiveWorkers:
                     served[key] += 1
         if self.on_refresh is not None:
             await self.on_refresh(served)
-        now = time.monotonic()
         for key in served:
-            self._unserved_since.pop(key, None)
-        for key in self._served.keys() - served.keys():
-            self._unserved_since.setdefault(key, now)
+            self._asked.pop(key, None)
         self._served, self.pools, self._error = served, pools, None
 
     async def _loop(self) -> None:
@@ -111,15 +105,22 @@ class LiveWorkers:
         return 0 if self._error else self._served[mv.key]
 
     def require(self, mv: ModelVersion) -> None:
-        """Raise UNAVAILABLE unless ``mv`` has a live worker, or lost its last one less than
-        NO_WORKER_GRACE_S ago as far as the registry could be read (after Redis was unreachable,
-        workers get that long to re-register)."""
+        """Raise UNAVAILABLE unless ``mv`` has a live worker, or requests for it have been waiting
+        for one less than ``grace_s`` (a worker restarting, workers re-registering after a Redis
+        failover, a pool scaling up from zero: the broker holds the requests meanwhile)."""
         if self._error:
             raise self._error
-        since = self._unserved_since.get(mv.key, -math.inf)
-        if self._served[mv.key] == 0 and time.monotonic() - since > NO_WORKER_GRACE_S:
+        if self._served[mv.key]:
+            return
+        now = time.monotonic()
+        first, last = self._asked.get(mv.key, (now, now))
+        if now - last > self.grace_s:
+            first = now  # nobody asked for a while: a new wait begins
+        self._asked[mv.key] = (first, now)
+        if now - first > self.grace_s:
             pools = mv.settings.pool_names
             raise Unavailable(
-                f"model {mv.name!r} v{mv.version} has no live worker (pools: {', '.join(pools)}); "
-                f"start one with `ferry worker --pool {pools[0]}`"
+                f"model {mv.name!r} v{mv.version} has had no live worker for {now - first:.1f}s (pools: "
+                f"{', '.join(pools)}); start one with `ferry worker --pool {pools[0]}`, or raise "
+                "no_worker_grace_s for pools that scale from zero"
             )

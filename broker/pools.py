@@ -17,6 +17,7 @@ the broker, where they keep growing into bigger batches.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -36,6 +37,7 @@ class Pool:
     # Dispatch-to-done time beyond compute and waiting for a worker: the Redis hops and the
     # worker's own reading and replying.  An adaptive batch leaves this much before a worker frees.
     hop: float = 0.0
+    woke_at: float = -math.inf  # when this broker last raised the pool's wake-up signal
 
     def dispatched(self, entry_id: bytes, at: float, rows: int, compute: float, workers: int,
                    model: bytes) -> None:

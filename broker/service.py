@@ -86,6 +86,8 @@ log = logging.getLogger("ferry.broker")
 IDLE_BLOCK_MS = 200  # how often an idle reader looks at its stop flag
 TIMER_SLACK_S = 0.0005
 RESYNC_S = 0.05  # a full pool's unfinished entries are checked this often, in case a done notice was lost
+WAKE_AFTER_S = 0.5  # a backlog this old wakes a model's idle pools while another of its pools is live
+WAKE_EVERY_S = 1.0  # the wake-up signal is refreshed at most this often per pool
 
 
 @dataclass(eq=False)
@@ -99,6 +101,7 @@ class _Model:
     done: list[Entry] = field(default_factory=list)  # entries to acknowledge in the next round
     held: set[bytes] = field(default_factory=set)  # ids of entries read and not yet acknowledged
     unserved_since: float | None = None  # since when no pool of it has had a live worker
+    backlog_since: float | None = None  # since when requests have waited after every dispatch round
 
     @property
     def labels(self) -> tuple[str, str]:
@@ -471,6 +474,7 @@ class Broker:
             sent.append((model, pool, batch))
             for r in batch:
                 self._release(model, r)
+        commands += self._wake_commands(now)
         check = [pool for pool in self._pools.values()
                  if pool.unfinished and self._room(pool) <= 0 and now - pool.checked >= RESYNC_S]
         acks: list[_Model] = []
@@ -522,6 +526,32 @@ class Broker:
                             entry_id.decode(), pool.name)
                 pool.unfinished.pop(entry_id, None)
 
+    def _wake_commands(self, now: float) -> list[list[bytes | str | int]]:
+        """Raise the wake-up signal (keys.wake_list) of pools with no live worker that a model needs:
+        at once when none of the model's pools is live, else once its requests have waited
+        WAKE_AFTER_S beyond every dispatch round (its live pools are full).  An autoscaler (the Helm
+        chart's KEDA trigger) starts a worker on it; the pool's workers clear it."""
+        commands: list[list[bytes | str | int]] = []
+        wanted = {pool.name: pool for pool in self._pools.values()
+                  if pool.unfinished and self._workers(pool.name) == 0}  # batches stranded on it
+        for model in self._model_list:
+            if not model.sched.live:
+                model.backlog_since = None
+                continue
+            if model.backlog_since is None:
+                model.backlog_since = now
+            idle = [p for p, _ in model.options if self._workers(p.name) == 0]
+            if idle and (len(idle) == len(model.options) or now - model.backlog_since >= WAKE_AFTER_S):
+                wanted |= {p.name: p for p in idle}
+        for pool in wanted.values():
+            if now - pool.woke_at >= WAKE_EVERY_S:
+                pool.woke_at = now
+                wake = keys.wake_list(pool.name)
+                commands += [["LPUSH", wake, 1], ["LTRIM", wake, 0, 0], ["PEXPIRE", wake, keys.WAKE_TTL_MS]]
+                log.info("pool %s has no live worker and requests wait for it: raising its wake-up signal",
+                         pool.name)
+        return commands
+
     @staticmethod
     def _count(sent: list[tuple[_Model, Pool, list[Request]]], rejections: list[tuple[_Model, Rejection]]) -> None:
         wall = time.time_ns()
@@ -533,13 +563,23 @@ class Broker:
         for model, rej in rejections:
             metrics.REJECTED.labels(*model.labels, Code(rej.code).name).inc()
 
+    def _stranded(self, model: _Model) -> bool:
+        """Whether batches of ``model`` sit on a pool of it that has no live worker."""
+        key = model.stream.encode()
+        return any(v[4] == key for pool, _ in model.options if self._workers(pool.name) == 0
+                   for v in pool.unfinished.values())
+
     def _unserved(self, model: _Model, now: float, drain: bool) -> list[tuple[_Model, Rejection]]:
         """Requests of a model none of whose pools has had a live worker for ``no_worker_grace_s``
         fail with UNAVAILABLE (a short gap, such as a worker restarting, only delays them)."""
         if any(self._workers(p.name) > 0 for p, _ in model.options):
             model.unserved_since = None
             return []
-        if drain or not model.sched.live:
+        if drain:
+            return []
+        if not model.sched.live:
+            if not self._stranded(model):
+                model.unserved_since = None  # nobody waits: the next request starts a new wait
             return []
         if model.unserved_since is None:
             model.unserved_since = now

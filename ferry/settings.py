@@ -54,6 +54,12 @@ class CommonSettings:
         20.0, "on SIGTERM, seconds to finish in-flight work before exiting (keep below "
         "Kubernetes' terminationGracePeriodSeconds)"
     )
+    no_worker_grace_s: float = knob(
+        2.0, "gateway and broker: how long requests of a model are accepted and wait while none of its pools "
+        "has a live worker (a worker restarting; raise it, e.g. to 180, for pools that scale from zero) before "
+        "they fail with UNAVAILABLE; the clock starts with the first waiting request. Batches on a pool that lost "
+        "every worker move to another pool of their model at once"
+    )
     metrics_port: int = knob(
         -2, "HTTP port of this process's Prometheus /metrics (0: any free port, logged; -1: off; "
         "default: 8002 for a gateway, as Triton, 8003 for a broker, 8004 for a worker)"
@@ -73,6 +79,8 @@ class CommonSettings:
             raise ConfigError("redis_timeout_s must be > 0")
         if self.grace_s < 0:
             raise ConfigError("grace_s must be >= 0")
+        if self.no_worker_grace_s < 0:
+            raise ConfigError("no_worker_grace_s must be >= 0")
         if not 0.0 <= self.trace_sample_ratio <= 1.0:
             raise ConfigError("trace_sample_ratio must be between 0 and 1")
         if not -2 <= self.metrics_port <= 65535:
@@ -140,11 +148,6 @@ class BrokerSettings(CommonSettings):
         "window would; below that rate it leaves just in time for a worker. 0: never wait for a free "
         "worker (better closed-loop throughput at moderate concurrency, worse tail latency under load)"
     )
-    no_worker_grace_s: float = knob(
-        2.0, "how long requests of a model wait when none of its pools has a live worker (a worker "
-        "restarting) before they fail with UNAVAILABLE; batches on a pool that lost every worker move "
-        "to another pool of their model at once"
-    )
     pool_depth: int = knob(
         2, "batches per live worker a pool's stream may hold (one running, the next ready); the rest "
         "wait in the broker, where they still grow into bigger batches and obey priorities"
@@ -159,8 +162,6 @@ class BrokerSettings(CommonSettings):
         super().__post_init__()
         if self.batch_window not in ("adaptive", "fixed"):
             raise ConfigError(f"batch_window {self.batch_window!r} must be 'adaptive' or 'fixed'")
-        if self.no_worker_grace_s < 0:
-            raise ConfigError("no_worker_grace_s must be >= 0")
         if self.gather_us < 0:
             raise ConfigError("gather_us must be >= 0")
         if self.pool_depth < 1:

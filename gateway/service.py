@@ -44,7 +44,7 @@ class InferenceService:
         self.tracing = tracing
         self.repo = repo
         self.dispatcher = dispatcher
-        self.live = LiveWorkers(dispatcher.resp, settings.redis_url)
+        self.live = LiveWorkers(dispatcher.resp, settings.redis_url, settings.no_worker_grace_s)
         self.validators = {mv.key: RequestValidator(mv) for mv in repo.all_versions()}
         self._labels = {mv.key: (mv.name, str(mv.version)) for mv in repo.all_versions()}
 

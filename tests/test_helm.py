@@ -67,7 +67,8 @@ def test_default_release_has_every_part_hardened() -> None:
     gateway = deployments["ferry-gateway"]["spec"]["template"]["spec"]["containers"][0]
     assert gateway["readinessProbe"]["grpc"]["port"] == 8001
     scaled = kinds(docs, "ScaledObject")["ferry-worker-cpu"]["spec"]
-    trigger = scaled["triggers"][0]
+    trigger, wake = scaled["triggers"]
+    assert wake["type"] == "redis" and wake["metadata"]["listName"] == "ferry:{p:cpu}:wake"
     assert trigger["type"] == "redis-streams"
     assert trigger["metadata"]["stream"] == "ferry:{p:cpu}:batches"
     assert trigger["metadata"]["consumerGroup"] == "workers"

@@ -379,6 +379,7 @@ class Worker:
                     ["ZADD", keys.WORKERS, now_ms + keys.HEARTBEAT_TTL_MS, self.settings.worker_id],
                     ["SET", keys.worker_info(self.settings.worker_id), info, "PX", keys.HEARTBEAT_TTL_MS],
                     ["ZREMRANGEBYSCORE", keys.WORKERS, "-inf", now_ms],
+                    ["DEL", keys.wake_list(self.settings.pool)],  # the pool is awake
                 ])
                 metrics.REDIS_RTT.labels("worker").observe(time.perf_counter() - sent_at)
             except Exception as exc:  # down, or refusing writes (OOM): try again soon

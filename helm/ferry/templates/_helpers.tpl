@@ -53,6 +53,8 @@ app.kubernetes.io/component: {{ .component }}
   value: {{ ternary "1" "0" .Values.logJson | quote }}
 - name: FERRY_GRACE_S
   value: {{ .Values.graceSeconds | quote }}
+- name: FERRY_NO_WORKER_GRACE_S
+  value: {{ .Values.noWorkerGraceSeconds | quote }}
 {{- if .Values.tracing.otlpEndpoint }}
 - name: FERRY_OTLP_ENDPOINT
   value: {{ .Values.tracing.otlpEndpoint | quote }}
