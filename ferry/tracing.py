@@ -15,8 +15,8 @@ worker.  Spans:
 
 Spans go to an OTLP/gRPC collector in batches (BatchSpanProcessor), sampled
 by ``--trace-sample-ratio`` at the root and following the parent's decision
-after that.  When tracing is off, none of this is imported and the request
-path pays one attribute check.
+after that.  When tracing is off, this module imports no OpenTelemetry and
+the request path pays one attribute check.
 """
 
 from __future__ import annotations
