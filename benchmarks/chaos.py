@@ -132,15 +132,18 @@ class Redis:
             raise
 
     def _wait_sentinels_ready(self, timeout_s: float = 30) -> None:
-        """Until every Sentinel knows a healthy replica and the other Sentinels (found through
-        the primary, every few seconds): before that, a failover has nothing to promote."""
+        """Until every Sentinel knows a replica in sync and the other Sentinels (found through the
+        primary, every few seconds): before that, a failover has nothing safe to promote."""
         deadline = time.monotonic() + timeout_s
         for port in self.sentinel_ports:
             r = redis.Redis(port=port)
             while True:
                 replicas = r.sentinel_slaves("ferry")
                 others = r.sentinel_sentinels("ferry")
-                healthy = [x for x in replicas if not x.get("is_sdown") and not x.get("is_disconnected")]
+                # A replica still in its first sync would be promoted with part of the data: wait
+                # until its link to the primary is up (master-link-status ok), as an operator would.
+                healthy = [x for x in replicas if not x.get("is_sdown") and not x.get("is_disconnected")
+                           and x.get("master-link-status") == "ok"]
                 if healthy and len(others) == len(self.sentinel_ports) - 1:
                     break
                 if time.monotonic() > deadline:
@@ -624,6 +627,13 @@ def leftover_keys(store: Redis) -> list[str]:
         if kind == b"stream":
             if r.xlen(key) or any(g["pending"] for g in r.xinfo_groups(key)):
                 out.append(f"{name} (length {r.xlen(key)})")
+        elif kind == b"zset":
+            # A registry (ferry:workers, ferry:brokers) member expires on its own within one
+            # heartbeat TTL (3 s) and is pruned by the next heartbeat or read; after a failover
+            # a stopped process's removal may have gone to the old primary.  Only a member that
+            # outlives that would be kept forever.
+            if r.zcount(key, int(time.time() * 1000) + 3_500, "+inf"):
+                out.append(name)
         elif kind != b"hash":  # the statistics hash stays by design
             out.append(name)
     return out

@@ -333,6 +333,12 @@ class Dispatcher:
         if now == self._connection:
             return
         self._connection = now
+        # The server behind the new connection may not have this gateway's alive key (a failover to
+        # a replica that lagged, a restart without persistence): workers drop replies to a gateway
+        # without one, so say it is alive now rather than at the next heartbeat.
+        beat = asyncio.get_running_loop().create_task(self._heartbeat_once(), name="heartbeat-now")
+        self._tasks.append(beat)
+        beat.add_done_callback(self._tasks.remove)
         again = [(corr, where, queued) for corr, (where, queued, on) in self._inflight.items()
                  if 0 < on < now and not self._pending[corr].done()]
         for corr, where, queued in again:
