@@ -188,8 +188,9 @@ class Broker:
         finally:
             await cancel_all(self._tasks)
             await self.live.close()
-            with contextlib.suppress(*REDIS_DOWN):
-                await self.redis.zrem(keys.BROKERS, self.settings.broker_id)
+            with contextlib.suppress(*REDIS_DOWN, RespError):
+                # On the connection its heartbeats used: after a failover, the same primary.
+                await self._writes.execute([["ZREM", keys.BROKERS, self.settings.broker_id]])
             # Graceful stop: what was read goes out now rather than waiting for a reclaim.
             try:
                 await self._dispatch(time.monotonic(), drain=True)
@@ -491,9 +492,9 @@ class Broker:
         if not commands:
             return
         try:
-            sent_at_ = time.perf_counter()
+            round_start = time.perf_counter()
             replies = await self._writes.execute(commands)
-            self._rtt.observe(time.perf_counter() - sent_at_)
+            self._rtt.observe(time.perf_counter() - round_start)
         except BaseException:
             # Not handed over: back to the front of their queues, to go out on the next
             # attempt (a batch that did reach Redis is then sent twice, and the gateway

@@ -89,14 +89,13 @@ class Dispatcher:
         # A future of None marks a re-sent copy (see _resend_if_reconnected).
         self._outbox: dict[_Outbox, list[tuple[Queued, asyncio.Future[Reply] | None]]] = defaultdict(list)
         self._cancels: dict[ModelVersion, list[int]] = defaultdict(list)
-        # corr -> (where it queues, the request, the connection it was last sent on)
-        self._inflight: dict[int, tuple[_Outbox, Queued, int]] = {}
+        # corr -> (where it queues, the request): what a replaced connection may have lost
+        self._inflight: dict[int, tuple[_Outbox, Queued]] = {}
         self._connection = 0
         self._rtt = metrics.REDIS_RTT.labels("gateway")
         self._round: list[tuple[_Outbox, Queued, asyncio.Future[Reply] | None]] = []  # what this round sends
         self._round_cancels: dict[ModelVersion, list[int]] = {}
         self._down_since: float | None = None  # since when Redis has been unreachable
-        self.resent = 0
         self._sha_enqueue = scripts.sha(scripts.ENQUEUE)
         self._ready = asyncio.Event()
         self._last_flush = 0.0
@@ -170,7 +169,7 @@ class Dispatcher:
         queued = Queued(corr, adm.rows, now_ns + int(timeout_s * 1e9), timeout_ns, payload, trace)
         where = (mv, adm.level, adm.shape)
         self._outbox[where].append((queued, fut))
-        self._inflight[corr] = (where, queued, -1)
+        self._inflight[corr] = (where, queued)
         # Under light load (the last round trip carried fewer than FLUSH_MIN_GROUP
         # requests, or none was sent for a whole interval) a request leaves at once;
         # otherwise it waits at most one interval for others to share its round trip.
@@ -277,11 +276,6 @@ class Dispatcher:
                 else:
                     self._down_since = None
                 self._resend_if_reconnected()
-                on = self._resp.connections
-                for where, q, _ in self._round:
-                    if q.corr in self._inflight:  # else its call ended while it sat in the outbox
-                        self._inflight[q.corr] = (where, q, on)
-                self._round.clear()
                 for (mv, futures), reply in zip(admits, replies, strict=True):
                     if isinstance(reply, int) and reply < 0:
                         err: FerryError | None = ResourceExhausted(
@@ -328,7 +322,8 @@ class Dispatcher:
 
     def _resend_if_reconnected(self) -> None:
         """If the submitter's connection is a new one, queue again every request still waiting
-        that went out on an earlier one."""
+        that went out on an earlier one.  This runs after the first round on a new connection,
+        so those are all the waiting requests except this round's and the ones not sent yet."""
         now = self._resp.connections
         if now == self._connection:
             return
@@ -339,13 +334,12 @@ class Dispatcher:
         beat = asyncio.get_running_loop().create_task(self._heartbeat_once(), name="heartbeat-now")
         self._tasks.append(beat)
         beat.add_done_callback(self._tasks.remove)
-        again = [(corr, where, queued) for corr, (where, queued, on) in self._inflight.items()
-                 if 0 < on < now and not self._pending[corr].done()]
-        for corr, where, queued in again:
+        fresh = {q.corr for _, q, _ in self._round} | {q.corr for out in self._outbox.values() for q, _ in out}
+        again = [(where, queued) for corr, (where, queued) in self._inflight.items()
+                 if corr not in fresh and not self._pending[corr].done()]
+        for where, queued in again:
             self._outbox[where].append((queued, None))
-            self._inflight[corr] = (where, queued, -1)
         if again:
-            self.resent += len(again)
             metrics.RESENT.inc(len(again))
             log.warning("Redis connection replaced: queueing %d waiting request(s) again, in case Redis lost them",
                         len(again))

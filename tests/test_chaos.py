@@ -22,9 +22,11 @@ def _chaos(tmp_path: Path, *args: str) -> tuple[dict[str, object], str]:
     out = tmp_path / "chaos.json"
     proc = subprocess.run(
         [sys.executable, "benchmarks/chaos.py", "--rate", "60", "--stream-rate", "10", "--stream-len", "20",
-         "--json", str(out), *args],
+         "--json", str(out), "--keep-logs", *args],
         cwd=ROOT, capture_output=True, text=True, timeout=170,
     )
+    # The processes' logs stay for a failing run (their path is the last line of its output).
+    logs = next((Path(ln.split(": ", 1)[1]) for ln in proc.stdout.splitlines() if ln.startswith("logs: ")), None)
     assert out.exists(), proc.stdout + proc.stderr
     result = json.loads(out.read_text())
     for count in ("wrong", "late", "never", "twice", "expired"):
@@ -32,6 +34,8 @@ def _chaos(tmp_path: Path, *args: str) -> tuple[dict[str, object], str]:
     assert result["leaks"] == [], proc.stdout
     assert all(code == 0 for code in result["codes"].values()), proc.stdout
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    if logs is not None:
+        shutil.rmtree(logs.parent, ignore_errors=True)
     return result, proc.stdout
 
 

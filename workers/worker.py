@@ -215,11 +215,11 @@ class Worker:
         self._add_stats((first.model, first.version), result.stats)
         commands = self._reply_commands(ids, result)
         # Rows 0 (nothing ran): the notice only frees room in the pool; the broker learns nothing from it.
-        took = time.perf_counter_ns() - started if result.rows_run else 0
+        elapsed = time.perf_counter_ns() - started
+        took = elapsed if result.rows_run else 0
         if self.tracing.enabled and first.trace:
             end_ns = time.time_ns()
-            start_ns = end_ns - (time.perf_counter_ns() - started)
-            self.tracing.compute_span(first.trace, [m.trace for m in members], start_ns, end_ns,
+            self.tracing.compute_span(first.trace, [m.trace for m in members], end_ns - elapsed, end_ns,
                                       {"ferry.model": first.model, "ferry.rows": result.rows_run,
                                        "ferry.pool": self.settings.pool, "ferry.batches": len(claimed)})
         if took:
