@@ -134,7 +134,10 @@ def wait_ready(address: str, timeout_s: float) -> bool:
     return False
 
 
-def up(model_repository: Path | None, grpc_port: int, workers: int, host: str, redis_url: str | None) -> int:
+def up(model_repository: Path | None, grpc_port: int, workers: int, host: str, redis_url: str | None,
+       gateways: int = 1) -> int:
+    if gateways < 1 or workers < 0:
+        raise ConfigError("--gateways must be >= 1 and --workers >= 0")
     if model_repository is None:
         from ferry.example_model import write_repository
 
@@ -178,11 +181,16 @@ def up(model_repository: Path | None, grpc_port: int, workers: int, host: str, r
             procs.append(("worker", _spawn("worker", ["--pool", "cpu", *metrics_flag(f"worker {i}")], env)))
         # Triton's 8002 when it is free (a second `ferry up` on the machine gets another).
         default = 8002 if _port_free(8002) else None
-        gateway_metrics = metrics_flag("gateway", int(wanted) if wanted and int(wanted) > 0 else default)
-        procs.append(("gateway", _spawn("gateway", ["--grpc-port", str(grpc_port), "--host", host,
-                                                    *gateway_metrics], env)))
+        first = int(wanted) if wanted and int(wanted) > 0 else default
+        shared = ["--reuse-port"] if gateways > 1 else []
+        for i in range(gateways):
+            gateway_metrics = metrics_flag("gateway" if gateways == 1 else f"gateway {i}", first if i == 0 else None)
+            procs.append(("gateway", _spawn("gateway", ["--grpc-port", str(grpc_port), "--host", host, *shared,
+                                                        *gateway_metrics], env)))
         probe_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         address = f"{probe_host}:{grpc_port}"
+        # Connections land on any of the gateways, so the probe cannot tell them apart; each
+        # reporting ready is what matters, and a gateway that failed to start exits (seen below).
         if not wait_ready(address, 60):
             print("ferry up: the gateway did not become ready within 60s", file=sys.stderr)
             return 1

@@ -111,6 +111,11 @@ class GatewaySettings(CommonSettings):
         "per this many microseconds "
         "(0: send as soon as possible); bigger groups cost less CPU per request, at up to this much latency"
     )
+    reuse_port: bool = knob(
+        False, "share grpc_port with other gateway processes on this host (SO_REUSEPORT; the kernel spreads "
+        "connections across them): one gateway process uses about one core, so run one per core to use more. "
+        "Off, a second gateway on a taken port fails at start instead of silently sharing it"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

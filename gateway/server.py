@@ -12,6 +12,7 @@ from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ferry.errors import ConfigError
 from ferry.repository import Repository
 from ferry.settings import GatewaySettings
 from ferry.tracing import Tracing
@@ -45,26 +46,36 @@ async def serve(
     on_started: Callable[[int], None] | None = None,
 ) -> None:
     tracing = Tracing("ferry-gateway", settings.otlp_endpoint, settings.trace_sample_ratio, settings.gateway_id)
-    dispatcher = Dispatcher(settings)
-    await dispatcher.start()
+    dispatcher = Dispatcher(settings)  # connects on first use
     service = InferenceService(settings, repo, dispatcher, tracing)
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
+        # gRPC turns SO_REUSEPORT on by default: a forgotten gateway would then silently share the port.
+        ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
     ])
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(SERVICE_NAME, method_handlers(service)),)
     )
     health_servicer = health_aio.HealthServicer()
     _mirror_readiness(service, health_servicer)
-    service.live.start()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+    try:
+        port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+    except RuntimeError:  # grpcio's "Failed to bind to address"
+        port = 0
     if port == 0:
-        raise OSError(f"cannot listen on {settings.host}:{settings.grpc_port}")
+        raise ConfigError(
+            f"cannot listen on {settings.host}:{settings.grpc_port}: the port is taken or the address is not "
+            "this host's; pick another --grpc-port, or, to share it between gateway processes, start every "
+            "one of them with --reuse-port"
+        )
+    # Only once the port is ours: a gateway that cannot serve must not announce itself in Redis.
+    await dispatcher.start()
+    service.live.start()
     await server.start()
     log.info("gateway %s listening on %s:%d", settings.gateway_id, settings.host, port)
     if on_started:
