@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -96,17 +97,55 @@ def _component(ns: argparse.Namespace) -> None:
     lifecycle.run(main)
 
 
-def _infer(ns: argparse.Namespace) -> None:
+def _channel(ns: argparse.Namespace, address: str) -> Any:
+    """A channel to a gateway: TLS when --ca is given (with --cert/--key for mTLS), else plaintext."""
     import grpc
+
+    if not ns.ca:
+        if ns.cert or ns.key:
+            raise ConfigError("--cert/--key need --ca (the CA that signed the gateway's certificate)")
+        return grpc.insecure_channel(address)
+    try:
+        creds = grpc.ssl_channel_credentials(
+            ns.ca.read_bytes(), ns.key.read_bytes() if ns.key else None, ns.cert.read_bytes() if ns.cert else None)
+    except OSError as exc:
+        raise ConfigError(f"cannot read a TLS file: {exc}") from None
+    options = [("grpc.ssl_target_name_override", ns.server_name)] if ns.server_name else []
+    return grpc.secure_channel(address, creds, options=options)
+
+
+def _metadata(ns: argparse.Namespace) -> list[tuple[str, str]]:
+    if not ns.token_file:
+        return []
+    try:
+        token = ns.token_file.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read --token-file: {exc}") from None
+    return [("authorization", f"Bearer {token}")]
+
+
+def _add_client_flags(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--ca", type=Path, default=None, help="PEM CA of the gateway's TLS certificate (TLS when given)")
+    sp.add_argument("--cert", type=Path, default=None, help="client certificate, for a gateway that requires mTLS")
+    sp.add_argument("--key", type=Path, default=None, help="private key of --cert")
+    sp.add_argument("--server-name", default=None, help="name to check the gateway's certificate against")
+    sp.add_argument("--token-file", type=Path, default=None,
+                    help="file holding a token to send as 'authorization: Bearer' (a file, not a flag: command "
+                    "lines are visible to other users)")
+
+
+def _infer(ns: argparse.Namespace) -> None:
     import numpy as np
 
     from ferry import datatypes
     from protos import grpc_service_pb2 as pb
     from protos import grpc_service_pb2_grpc as pbg
 
-    with grpc.insecure_channel(ns.url) as channel:
+    md = _metadata(ns)
+    with _channel(ns, ns.url) as channel:
         stub = pbg.GRPCInferenceServiceStub(channel)
-        meta = stub.ModelMetadata(pb.ModelMetadataRequest(name=ns.model, version=ns.version), timeout=10)
+        meta = stub.ModelMetadata(pb.ModelMetadataRequest(name=ns.model, version=ns.version), timeout=10,
+                                  metadata=md)
         rng = np.random.default_rng(ns.seed)
         req = pb.ModelInferRequest(model_name=ns.model, model_version=ns.version, id="ferry-infer")
         for t in meta.inputs:
@@ -118,7 +157,7 @@ def _infer(ns: argparse.Namespace) -> None:
                 arr = rng.standard_normal(shape).astype(dtype.numpy)
             req.inputs.add(name=t.name, datatype=t.datatype, shape=shape)
             req.raw_input_contents.append(datatypes.encode_raw(dtype, arr))
-        resp = stub.ModelInfer(req, timeout=ns.timeout)
+        resp = stub.ModelInfer(req, timeout=ns.timeout, metadata=md)
     print(f"model {resp.model_name} version {resp.model_version} id {resp.id}")
     for out, raw in zip(resp.outputs, resp.raw_output_contents, strict=True):
         arr = datatypes.decode_raw(datatypes.lookup(out.datatype, what=out.name), list(out.shape), raw)
@@ -151,6 +190,7 @@ def parser() -> argparse.ArgumentParser:
     inf.add_argument("--batch", type=int, default=1, help="rows to send (default 1)")
     inf.add_argument("--seed", type=int, default=0, help="random seed for the inputs")
     inf.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds")
+    _add_client_flags(inf)
     ex = sub.add_parser("example-model", help="write the bundled example model repository to a folder")
     ex.add_argument("path", type=Path)
     ex.add_argument("--hidden", type=int, default=1024,
@@ -194,6 +234,18 @@ def parser() -> argparse.ArgumentParser:
     he.add_argument("--http", metavar="HOST:PORT", default=None,
                     help="a process's metrics address, e.g. 127.0.0.1:8003")
     he.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for an answer")
+    _add_client_flags(he)
+    sub.add_parser(
+        "token", help="make an API token: prints it once, and its entry for auth_tokens_file",
+        description="Prints a new random token and the JSON entry (its SHA-256, never the token) to add to the "
+        "gateway's auth_tokens_file; edit name and models. The token cannot be recovered from the file.",
+    )
+    sub.add_parser(
+        "redis-acl", help="print the least-privilege Redis ACL users for gateway, broker and worker",
+        description="Prints one ACL SETUSER line per component (ferry-gateway, ferry-broker, ferry-worker) with "
+        "the commands, keys and channels it needs and nothing else (broker/acl.py); replace <password>, run them "
+        "with redis-cli or put them in an ACL file, and give each component its user in its Redis URL.",
+    )
     return p
 
 
@@ -203,11 +255,11 @@ def _health(ns: argparse.Namespace) -> int:
         raise ConfigError("say what to probe: --grpc HOST:PORT (a gateway) or --http HOST:PORT (its metrics)")
     try:
         if ns.grpc:
-            import grpc
             from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-            with grpc.insecure_channel(ns.grpc) as channel:
-                status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=ns.timeout)
+            with _channel(ns, ns.grpc) as channel:
+                status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=ns.timeout,
+                                                                   metadata=_metadata(ns))
             if status.status != health_pb2.HealthCheckResponse.SERVING:
                 print(f"ferry health: {ns.grpc} is {health_pb2.HealthCheckResponse.ServingStatus.Name(status.status)}",
                       file=sys.stderr)
@@ -250,6 +302,16 @@ def main(argv: list[str] | None = None) -> int:
             return profile(ns)
         elif ns.command == "health":
             return _health(ns)
+        elif ns.command == "redis-acl":
+            from broker.acl import setuser_lines
+
+            print("\n".join(setuser_lines()))
+        elif ns.command == "token":
+            from gateway.security import new_token
+
+            token, digest = new_token()
+            print(f"token (give it to the client; it is not stored anywhere): {token}")
+            print("entry for auth_tokens_file:", json.dumps({"name": "CHANGE-ME", "sha256": digest, "models": ["*"]}))
     except ConfigError as exc:
         print(f"ferry {ns.command}: error: {exc.message}", file=sys.stderr)
         return 2

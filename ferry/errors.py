@@ -70,6 +70,14 @@ class Unimplemented(FerryError):
     code = Code.UNIMPLEMENTED
 
 
+class Unauthenticated(FerryError):
+    code = Code.UNAUTHENTICATED
+
+
+class PermissionDenied(FerryError):
+    code = Code.PERMISSION_DENIED
+
+
 class Internal(FerryError):
     code = Code.INTERNAL
 

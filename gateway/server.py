@@ -16,6 +16,7 @@ from ferry.errors import ConfigError
 from ferry.repository import Repository
 from ferry.settings import GatewaySettings
 from ferry.tracing import Tracing
+from gateway import security
 from gateway.dispatch import Dispatcher
 from gateway.service import InferenceService, method_handlers
 from protos import grpc_service_pb2 as pb
@@ -48,7 +49,8 @@ async def serve(
     tracing = Tracing("ferry-gateway", settings.otlp_endpoint, settings.trace_sample_ratio, settings.gateway_id)
     dispatcher = Dispatcher(settings)  # connects on first use
     service = InferenceService(settings, repo, dispatcher, tracing)
-    server = grpc.aio.server(options=[
+    credentials = security.server_credentials(settings)  # ConfigError now, not at the first handshake
+    server = grpc.aio.server(interceptors=security.interceptors(settings), options=[
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         # gRPC turns SO_REUSEPORT on by default: a forgotten gateway would then silently share the port.
@@ -64,7 +66,8 @@ async def serve(
         [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
     try:
-        port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+        address = f"{settings.host}:{settings.grpc_port}"
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError:  # grpcio's "Failed to bind to address"
         port = 0
     if port == 0:
@@ -77,7 +80,9 @@ async def serve(
     await dispatcher.start()
     service.live.start()
     await server.start()
-    log.info("gateway %s listening on %s:%d", settings.gateway_id, settings.host, port)
+    log.info("gateway %s listening on %s:%d (%s%s)", settings.gateway_id, settings.host, port,
+             "mTLS" if settings.tls_client_ca_file else "TLS" if credentials else "plaintext",
+             ", tokens required" if settings.auth_tokens_file else "")
     if on_started:
         on_started(port)
     try:

@@ -28,8 +28,9 @@ from ferry.settings import GatewaySettings
 from ferry.tracing import OFF, Tracing
 from gateway import statistics
 from gateway.dispatch import Dispatcher
+from gateway.security import may_use, require_model
 from gateway.status import describe, raise_for_reply, unary
-from gateway.validate import RequestValidator
+from gateway.validate import Limits, RequestValidator
 from protos import grpc_service_pb2 as pb
 
 log = logging.getLogger("ferry.gateway")
@@ -45,8 +46,14 @@ class InferenceService:
         self.repo = repo
         self.dispatcher = dispatcher
         self.live = LiveWorkers(dispatcher.resp, settings.redis_url, settings.no_worker_grace_s)
-        self.validators = {mv.key: RequestValidator(mv) for mv in repo.all_versions()}
+        limits = Limits(settings.max_tensor_elements, settings.max_bytes_elements)
+        self.validators = {mv.key: RequestValidator(mv, limits) for mv in repo.all_versions()}
         self._labels = {mv.key: (mv.name, str(mv.version)) for mv in repo.all_versions()}
+
+    def _model(self, name: str, version: str = "") -> ModelVersion:
+        """The model version a request names, if the caller's token may use it (security.require_model)."""
+        require_model(name)
+        return self.repo.get(name, version)
 
     # --- health and metadata -------------------------------------------------------
 
@@ -64,14 +71,14 @@ class InferenceService:
         return all(workers_for(mv) for mv in self.repo.all_versions())
 
     async def model_ready(self, request: Any, context: Any) -> Any:
-        mv = self.repo.get(request.name, request.version)
+        mv = self._model(request.name, request.version)
         return pb.ModelReadyResponse(ready=self.live.workers_for(mv) > 0)
 
     async def server_metadata(self, request: Any, context: Any) -> Any:
         return pb.ServerMetadataResponse(name="ferry", version=ferry.__version__, extensions=EXTENSIONS)
 
     async def model_metadata(self, request: Any, context: Any) -> Any:
-        mv = self.repo.get(request.name, request.version)
+        mv = self._model(request.name, request.version)
         s = mv.settings
         batch = [-1] if s.max_batch_size > 0 else []
 
@@ -88,20 +95,20 @@ class InferenceService:
         )
 
     async def model_config(self, request: Any, context: Any) -> Any:
-        mv = self.repo.get(request.name, request.version)
+        mv = self._model(request.name, request.version)
         return pb.ModelConfigResponse(config=mv.settings.config)
 
     async def model_statistics(self, request: Any, context: Any) -> Any:
         if request.name:
             if request.version:
-                versions = [self.repo.get(request.name, request.version)]
+                versions = [self._model(request.name, request.version)]
             else:
-                self.repo.get(request.name)  # NOT_FOUND for unknown names
+                self._model(request.name)  # NOT_FOUND for unknown names
                 versions = self.repo.versions(request.name)
         elif request.version:
             raise InvalidArgument("a version needs a model name")
         else:
-            versions = self.repo.all_versions()
+            versions = [mv for mv in self.repo.all_versions() if may_use(mv.name)]
         try:
             return await statistics.collect(self.dispatcher.redis, versions)
         except REDIS_DOWN as exc:
@@ -112,6 +119,8 @@ class InferenceService:
             raise NotFound(f"repository {request.repository_name!r} is unknown; Ferry serves one (use '')")
         models = []
         for mv in self.repo.all_versions():
+            if not may_use(mv.name):
+                continue
             live = self.live.workers_for(mv)
             if request.ready and not live:
                 continue
@@ -140,7 +149,7 @@ class InferenceService:
             req = pb.ModelInferRequest.FromString(raw)
         except Exception:
             raise InvalidArgument("request is not a valid ModelInferRequest message") from None
-        mv: ModelVersion = self.repo.get(req.model_name, req.model_version)
+        mv: ModelVersion = self._model(req.model_name, req.model_version)
         started = time.perf_counter_ns()
         status = "INTERNAL"
         span = None

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -32,10 +33,16 @@ class Cluster:
     """Broker, worker(s) and gateway as separate processes against one Redis."""
 
     def __init__(self, repo: Path, logdir: Path, *, workers: int = 1, gateway_args: tuple[str, ...] = (),
-                 broker_args: tuple[str, ...] = (), worker_args: tuple[tuple[str, ...], ...] = ()) -> None:
+                 broker_args: tuple[str, ...] = (), worker_args: tuple[tuple[str, ...], ...] = (),
+                 client_args: dict[str, Any] | None = None, headers: dict[str, str] | None = None,
+                 role_env: dict[str, dict[str, str]] | None = None, redis: RedisServer | None = None) -> None:
         self.repo = repo
+        self.role_env = role_env or {}  # extra environment per role, e.g. each its own Redis user
+        # How a client reaches this gateway (TLS files for tritonclient) and the metadata it sends.
+        self.client_args = client_args or {}
+        self.headers = headers
         self.logdir = logdir
-        self.redis: RedisServer = start_redis()
+        self.redis: RedisServer = redis or start_redis()
         self.port = free_port()
         self.url = f"127.0.0.1:{self.port}"
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
@@ -52,7 +59,8 @@ class Cluster:
 
     def spawn(self, role: str, *args: str) -> subprocess.Popen[bytes]:
         log = open(self.logdir / f"{role}-{len(self.procs)}.log", "wb")
-        proc = subprocess.Popen([sys.executable, "-m", "ferry.cli", role, *args], env=self.env,
+        env = self.env | self.role_env.get(role, {})
+        proc = subprocess.Popen([sys.executable, "-m", "ferry.cli", role, *args], env=env,
                                 stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         self.procs.append((role, proc))
         return proc
@@ -62,14 +70,14 @@ class Cluster:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in logs)
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
-        client = tc.InferenceServerClient(self.url)
+        client = self.client()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             for role, p in self.procs:
                 if p.poll() is not None:
                     raise RuntimeError(f"{role} exited with {p.returncode}\n{self.logs()}")
             try:
-                if client.is_server_ready(client_timeout=1):
+                if client.is_server_ready(headers=self.headers, client_timeout=1):
                     return
             except Exception:
                 pass
@@ -77,7 +85,7 @@ class Cluster:
         raise TimeoutError(f"cluster not ready after {timeout_s}s\n{self.logs()}")
 
     def client(self) -> tc.InferenceServerClient:
-        return tc.InferenceServerClient(self.url)
+        return tc.InferenceServerClient(self.url, **self.client_args)
 
     def redis_client(self) -> redis.Redis:
         return redis.Redis.from_url(self.redis.url)
