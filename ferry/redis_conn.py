@@ -23,23 +23,26 @@ def connect(url: str, timeout_s: float, *, max_connections: int = 64) -> Any:
     The data path uses ferry.resp instead; blocking reads live there too.
     """
     t = parse_url(url)
+    # No CLIENT SETINFO on connect: not a command the least-privilege ACL users (broker.acl) may run.
+    quiet: dict[str, Any] = {"lib_name": None, "lib_version": None}
     if t.cluster:
         return RedisCluster(
             startup_nodes=[ClusterNode(h, p) for h, p in t.sentinels], username=t.username, password=t.password,
             socket_connect_timeout=timeout_s, socket_timeout=timeout_s, max_connections=max_connections,
-            decode_responses=False)
+            decode_responses=False, **quiet)
     if t.sentinel:
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
             list(t.sentinels), sentinel_kwargs={"socket_connect_timeout": timeout_s, "socket_timeout": timeout_s})
         return sentinel.master_for(
             t.service, db=t.db, username=t.username, password=t.password, socket_connect_timeout=timeout_s,
-            socket_timeout=timeout_s, max_connections=max_connections, decode_responses=False)
+            socket_timeout=timeout_s, max_connections=max_connections, decode_responses=False, **quiet)
     return aioredis.Redis.from_url(
         url,
         socket_connect_timeout=timeout_s,
         socket_timeout=timeout_s,
         max_connections=max_connections,
         decode_responses=False,
+        **quiet,
     )
 
 

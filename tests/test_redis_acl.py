@@ -1,0 +1,99 @@
+"""Each component logs in to a real redis-server as its own ACL user with broker.acl's rules, and needs no more.
+
+The cluster serves requests, statistics, the repository index, a deadline rejection by the broker and a
+worker's death (takeover by XCLAIM), then stops; Redis's ACL LOG must then be empty. A wrong password is
+refused with Redis's WRONGPASS, and the password does not appear in the output.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+import tritonclient.grpc as tc
+from tritonclient.utils import InferenceServerException
+
+from broker.acl import RULES, rules
+from ferry.cluster import RedisServer, start_redis
+from tests.conftest import ROOT, Cluster
+
+PASSWORD = "s3cret-for-tests"
+WRONG = "pw-not-this-one-7731"
+
+
+@pytest.fixture
+def acl_redis() -> Iterator[tuple[RedisServer, str]]:
+    server = start_redis()
+    r = server.url.removesuffix("/0")
+    client = redis.Redis.from_url(server.url)
+    for role in RULES:
+        client.execute_command("ACL", "SETUSER", f"ferry-{role}", "on", f">{PASSWORD}", *rules(role))
+    client.execute_command("ACL", "LOG", "RESET")
+    try:
+        yield server, r
+    finally:
+        server.stop()
+
+
+def _url(base: str, role: str, password: str = PASSWORD) -> str:
+    return base.replace("redis://", f"redis://ferry-{role}:{password}@") + "/0"
+
+
+def test_every_component_works_with_only_its_own_acl(repo: Path, tmp_path: Path,
+                                                     acl_redis: tuple[RedisServer, str]) -> None:
+    server, base = acl_redis
+    c = Cluster(repo, tmp_path, redis=server, workers=0, worker_args=(("--fault-exit-on-id", "crash"),),
+                broker_args=("--no-worker-grace-s", "60"),
+                role_env={role: {"FERRY_REDIS_URL": _url(base, role)} for role in RULES})
+    admin = redis.Redis.from_url(server.url)
+    try:
+        client = c.client()
+        x = tc.InferInput("INPUT0", [2, 256], "FP32")
+        x.set_data_from_numpy(np.ones((2, 256), np.float32))
+        for _ in range(20):
+            out = client.infer("mlp", [x], client_timeout=10).as_numpy("OUTPUT0")
+            assert out is not None and out.shape == (2, 10)
+        assert client.get_inference_statistics("mlp", as_json=True)["model_stats"]
+        assert client.get_model_repository_index(as_json=True)["models"]
+        # The broker rejects what cannot make its deadline: its own replies to the gateway.
+        slow = tc.InferInput("x", [1], "FP32")
+        slow.set_data_from_numpy(np.ones((1,), np.float32))
+        with pytest.raises(InferenceServerException):
+            client.infer("slow", [slow], client_timeout=0.05)
+        # A worker dies holding a batch; a new one takes it over (XPENDING, XCLAIM, DROP_CONSUMER).
+        doomed = c.procs[-2][1]
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(lambda: client.infer("mlp", [x], request_id="crash", client_timeout=60))
+            assert doomed.wait(20) == -9, "the fault did not kill the worker"
+            c.spawn("worker")
+            out = answer.result(60).as_numpy("OUTPUT0")
+            assert out is not None and out.shape == (2, 10)
+        c.procs = [(role, p) for role, p in c.procs if p is not doomed]
+        assert "took over 1 batch(es) of dead workers" in c.logs()
+        codes = c.stop()
+        assert all(code == 0 for group in codes.values() for code in group), f"{codes}\n{c.logs()}"
+        log = admin.execute_command("ACL", "LOG")
+        assert log == [], f"ACL denials: {log}\n{c.logs()}"
+    finally:
+        c.close()
+
+
+def test_a_wrong_password_is_refused_with_a_clear_message(repo: Path, tmp_path: Path,
+                                                         acl_redis: tuple[RedisServer, str]) -> None:
+    _, base = acl_redis
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FERRY_") and k != "REDIS_URL"}
+    env |= {"FERRY_MODEL_REPOSITORY": str(repo),
+            "FERRY_METRICS_PORT": "-1", "FERRY_REDIS_TIMEOUT_S": "1"}
+    env["FERRY_REDIS_URL"] = _url(base, "broker", WRONG)
+    proc = subprocess.run([sys.executable, "-m", "ferry.cli", "broker"], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "WRONGPASS" in proc.stderr or "invalid username-password" in proc.stderr, proc.stderr[-2000:]
+    assert WRONG not in proc.stderr, "the password reached the log"
