@@ -80,11 +80,17 @@ def element_count(shape: Sequence[int]) -> int:
     return n
 
 
-def count_bytes_elements(raw: bytes | memoryview, *, what: str) -> int:
-    """Number of length-prefixed elements in a BYTES raw buffer (validating framing)."""
+def count_bytes_elements(raw: bytes | memoryview, *, what: str, limit: int | None = None) -> int:
+    """Number of length-prefixed elements in a BYTES raw buffer (validating framing).
+
+    With ``limit``, stops as soon as there are more than that many (and returns limit + 1): a
+    buffer of millions of empty elements must not cost millions of loop turns when the shape
+    already says how many there should be."""
     view = memoryview(raw)
     pos, n, end = 0, 0, len(view)
     while pos < end:
+        if limit is not None and n > limit:
+            return n
         if pos + 4 > end:
             raise InvalidArgument(f"{what}: truncated BYTES element length at offset {pos}")
         (length,) = _LEN.unpack_from(view, pos)

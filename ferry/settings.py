@@ -111,10 +111,33 @@ class GatewaySettings(CommonSettings):
         "per this many microseconds "
         "(0: send as soon as possible); bigger groups cost less CPU per request, at up to this much latency"
     )
+    max_tensor_elements: int = knob(
+        1 << 26, "most elements one input tensor may have (INVALID_ARGUMENT beyond); max_message_bytes bounds "
+        "the bytes, this the element count"
+    )
+    max_bytes_elements: int = knob(
+        1 << 20, "most elements one BYTES input may have (each is length-prefixed and checked one by one)"
+    )
     reuse_port: bool = knob(
         False, "share grpc_port with other gateway processes on this host (SO_REUSEPORT; the kernel spreads "
         "connections across them): one gateway process uses about one core, so run one per core to use more. "
         "Off, a second gateway on a taken port fails at start instead of silently sharing it"
+    )
+    tls_cert_file: str = knob(
+        "", "PEM certificate (chain) to serve TLS with, beside tls_key_file; read again when it changes "
+        "(docs/security.md). Empty: plaintext"
+    )
+    tls_key_file: str = knob("", "PEM private key of tls_cert_file")
+    tls_client_ca_file: str = knob(
+        "", "PEM CA certificate(s): with it, every client must present a certificate they signed (mTLS)"
+    )
+    auth_tokens_file: str = knob(
+        "", "JSON file of accepted tokens (SHA-256 digests) and the models each may use "
+        "(docs/security.md; `ferry token` makes one). Empty: no authentication"
+    )
+    auth_open: str = knob(
+        "grpc.health.v1.Health", "with auth_tokens_file: services or methods callable without a token, "
+        "comma-separated (e.g. grpc.health.v1.Health,inference.GRPCInferenceService/ServerLive)"
     )
 
     def __post_init__(self) -> None:
@@ -129,6 +152,16 @@ class GatewaySettings(CommonSettings):
             raise ConfigError("max_inflight must be >= 1")
         if not 0 <= self.flush_interval_us <= 100_000:
             raise ConfigError("flush_interval_us must be between 0 and 100000")
+        if self.max_tensor_elements < 1 or self.max_bytes_elements < 1:
+            raise ConfigError("max_tensor_elements and max_bytes_elements must be >= 1")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ConfigError("tls_cert_file and tls_key_file go together: set both, or neither for plaintext")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ConfigError("tls_client_ca_file (mTLS) needs TLS: set tls_cert_file and tls_key_file too")
+        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "auth_tokens_file"):
+            value = getattr(self, name)
+            if value and not Path(value).is_file():
+                raise ConfigError(f"{name} {value!r} is not a readable file")
         if not self.gateway_id:
             object.__setattr__(self, "gateway_id", _instance_id())
 

@@ -25,9 +25,16 @@ from ferry.errors import InvalidArgument
 from ferry.model_config import TensorSpec, bucket_dims
 from ferry.repository import ModelVersion
 
-# Largest element count of one tensor; far above any real model's, low enough
-# that size arithmetic can never overflow a 64-bit length downstream.
-MAX_ELEMENTS = 1 << 40
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-tensor bounds beyond the model's shapes (GatewaySettings.max_tensor_elements and
+    max_bytes_elements). Element counts are Python integers, so a product of dimensions never
+    overflows; the limits keep what the gateway, Redis and workers must hold bounded, and the
+    BYTES framing check (a Python loop per element) short."""
+
+    max_elements: int = 1 << 26
+    max_bytes_elements: int = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,8 +61,9 @@ def _int_param(req: Any, name: str) -> int | None:
 class RequestValidator:
     """Precomputed lookups for one model version; ``check()`` validates one request."""
 
-    def __init__(self, mv: ModelVersion) -> None:
+    def __init__(self, mv: ModelVersion, limits: Limits = Limits()) -> None:
         self.mv = mv
+        self.limits = limits
         s = mv.settings
         self.label = f"model {mv.name!r} v{mv.version}"
         self.max_batch = s.max_batch_size
@@ -137,8 +145,11 @@ class RequestValidator:
                 expected = ([-1] if self.max_batch > 0 else []) + list(spec.dims)
                 raise InvalidArgument(f"{where}: shape {shape} does not match the model's {expected}")
         count = datatypes.element_count(shape)
-        if count > MAX_ELEMENTS:
-            raise InvalidArgument(f"{where}: shape {shape} has {count} elements; the limit is {MAX_ELEMENTS}")
+        most = self.limits.max_bytes_elements if spec.dtype.is_bytes else self.limits.max_elements
+        if count > most:
+            knob = "max_bytes_elements" if spec.dtype.is_bytes else "max_tensor_elements"
+            raise InvalidArgument(f"{where}: shape {shape} has {count} elements; this gateway's limit is {most} "
+                                  f"({knob}; split the request, or raise it)")
         return rows, count
 
     def rows(self, req: Any) -> int:
@@ -195,7 +206,7 @@ class RequestValidator:
     def _check_raw(spec: TensorSpec, count: int, buf: bytes) -> None:
         where = f"input {spec.name!r}"
         if spec.dtype.is_bytes:
-            n = datatypes.count_bytes_elements(buf, what=where)
+            n = datatypes.count_bytes_elements(buf, what=where, limit=count)
             if n != count:
                 raise InvalidArgument(f"{where}: raw BYTES buffer holds {n} elements; its shape needs {count}")
         elif len(buf) != count * spec.dtype.size:
