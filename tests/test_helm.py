@@ -97,10 +97,37 @@ def test_external_redis_comes_from_a_secret_and_nothing_is_bundled() -> None:
     assert not kinds(docs, "StatefulSet")
     env = kinds(docs, "Deployment")["ferry-broker"]["spec"]["template"]["spec"]["containers"][0]["env"]
     url = next(e for e in env if e["name"] == "FERRY_REDIS_URL")
-    assert url["valueFrom"]["secretKeyRef"] == {"name": "ferry-redis", "key": "url"}
+    assert url["valueFrom"]["secretKeyRef"] == {"name": "ferry-redis", "key": "broker-url"}
+    for obj in kinds(docs, "ScaledObject").values():
+        assert all(t["authenticationRef"] == {"name": "ferry-redis-keda"} for t in obj["spec"]["triggers"])
+    assert not kinds(docs, "NetworkPolicy")  # nothing bundled to protect
     volumes = kinds(docs, "Deployment")["ferry-gateway"]["spec"]["template"]["spec"]["volumes"]
     assert volumes[0]["persistentVolumeClaim"]["claimName"] == "ferry-models"
     assert "ferry-gateway" in kinds(docs, "Ingress") and "ferry-gateway" in kinds(docs, "GRPCRoute")
+
+
+def test_security_release_mounts_tls_and_tokens_and_fences_redis() -> None:
+    docs = render(VALUES["security-values"])
+    gw = kinds(docs, "Deployment")["ferry-gateway"]["spec"]["template"]["spec"]
+    c = gw["containers"][0]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["FERRY_TLS_CERT_FILE"] == "/etc/ferry/tls/tls.crt" and env["FERRY_TLS_CLIENT_CA_FILE"]
+    assert env["FERRY_AUTH_TOKENS_FILE"] == "/etc/ferry/auth/tokens.json"
+    assert {v["name"]: v["secret"]["secretName"] for v in gw["volumes"] if "secret" in v} == {
+        "tls": "ferry-gateway-tls", "auth": "ferry-tokens"}
+    # No subPath: Kubernetes then updates the files in place on rotation, which the gateway picks up.
+    assert all("subPath" not in m for m in c["volumeMounts"])
+    probe = c["readinessProbe"]["exec"]["command"]
+    assert probe[:3] == ["ferry", "health", "--grpc"] and "--cert" in probe and "--ca" in probe
+    policies = kinds(docs, "NetworkPolicy")
+    redis_from = policies["ferry-redis"]["spec"]["ingress"][0]["from"]
+    assert redis_from[0]["podSelector"]["matchLabels"]["ferry.dev/redis-client"] == "true"
+    assert redis_from[1]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "keda"}
+    # Every pod that talks to Redis carries the label the policy admits; nothing else does.
+    clients = {name for name, d in kinds(docs, "Deployment").items()
+               if d["spec"]["template"]["metadata"]["labels"].get("ferry.dev/redis-client") == "true"}
+    assert clients == set(kinds(docs, "Deployment"))
+    assert "ferry-gateway" in policies
 
 
 def test_without_keda_pools_get_cpu_hpas() -> None:

@@ -34,14 +34,17 @@ app.kubernetes.io/component: {{ .component }}
 
 {{- define "ferry.redisHost" -}}{{ include "ferry.fullname" . }}-redis{{- end -}}
 
-{{/* Environment every Ferry container shares. */}}
+{{/* Environment every Ferry container shares: (dict "root" $ "role" "gateway"|"broker"|"worker"). */}}
 {{- define "ferry.env" -}}
+{{- $role := .role -}}
+{{- with .root -}}
 - name: FERRY_REDIS_URL
 {{- if .Values.redis.existingSecret }}
   valueFrom:
     secretKeyRef:
       name: {{ .Values.redis.existingSecret }}
-      key: {{ .Values.redis.existingSecretKey }}
+      # Each component's own key (its own least-privilege ACL user) when given, else the shared one.
+      key: {{ (get .Values.redis.componentSecretKeys $role) | default .Values.redis.existingSecretKey }}
 {{- else if .Values.redis.bundled }}
   value: {{ printf "redis://%s:6379/0" (include "ferry.redisHost" .) | quote }}
 {{- else }}
@@ -61,6 +64,12 @@ app.kubernetes.io/component: {{ .component }}
 - name: FERRY_TRACE_SAMPLE_RATIO
   value: {{ .Values.tracing.sampleRatio | quote }}
 {{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* Labels on every pod that talks to Redis: what the Redis NetworkPolicy admits. */}}
+{{- define "ferry.redisClient" -}}
+ferry.dev/redis-client: "true"
 {{- end -}}
 
 {{/* The model repository volume, and the init container that fills it when needed. */}}
@@ -125,6 +134,7 @@ runtimeClassName: {{ . }}
 initContainers: {{- $init | nindent 2 }}
 {{- end }}
 volumes: {{- include "ferry.modelVolume" $root | nindent 2 }}
+{{- with .volumes }}{{ toYaml . | nindent 2 }}{{ end }}
 {{- end -}}
 
 {{- define "ferry.mounts" -}}
