@@ -69,11 +69,15 @@ async def main() -> None:
     async def stats(req: Any, ctx: Any) -> Any:
         return pb.ModelStatisticsResponse(model_stats=[pb.ModelStatistics(name="mlp", version="1")])
 
+    async def ready(req: Any, ctx: Any) -> Any:
+        return pb.ModelReadyResponse(ready=req.name == "mlp")
+
     def h(fn: Any, req: Any, resp: Any) -> Any:
         return grpc.unary_unary_rpc_method_handler(fn, req.FromString, resp.SerializeToString)
 
     handlers = {
         "ModelInfer": grpc.unary_unary_rpc_method_handler(infer),
+        "ModelReady": h(ready, pb.ModelReadyRequest, pb.ModelReadyResponse),
         "ModelMetadata": h(metadata, pb.ModelMetadataRequest, pb.ModelMetadataResponse),
         "ModelConfig": h(config, pb.ModelConfigRequest, pb.ModelConfigResponse),
         "ServerMetadata": h(server_md, pb.ServerMetadataRequest, pb.ServerMetadataResponse),

@@ -1,7 +1,7 @@
 """Where Redis is: the URL forms Ferry accepts, parsed in one place.
 
     redis://[[user]:password@]host[:port][/db]        plain TCP
-    rediss://...                                      TLS
+    rediss://...[?ssl_ca_certs=CA.pem[&ssl_certfile=C.pem&ssl_keyfile=K.pem]]   TLS (the system's CAs by default)
     unix:///path/to/redis.sock[?db=N]                 Unix socket
     redis+sentinel://[[user]:password@]host:port[,host:port...]/service[/db]
                                                       Redis Sentinel: the Sentinels are
@@ -21,12 +21,15 @@ redis-py's SentinelConnectionPool).
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
 
 from ferry.errors import ConfigError
 
 SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "redis+cluster://")
+TLS_PARAMS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,19 @@ class RedisTarget:
     password: str | None = None
     sentinels: tuple[tuple[str, int], ...] = ()  # Sentinels, or a cluster's seed nodes
     service: str = ""
+    # rediss:// query parameters, named as redis-py names them (it reads the same URL):
+    ssl_ca_certs: str = ""  # CA file to verify the server with (default: the system's store)
+    ssl_certfile: str = ""  # client certificate, for a Redis with tls-auth-clients yes
+    ssl_keyfile: str = ""
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context for rediss:// (None for plaintext)."""
+        if self.scheme != "rediss":
+            return None
+        context = ssl.create_default_context(cafile=self.ssl_ca_certs or None)
+        if self.ssl_certfile:
+            context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile or None)
+        return context
 
     @property
     def sentinel(self) -> bool:
@@ -78,8 +94,16 @@ def parse(url: str) -> RedisTarget:
                 raise ValueError("Redis Cluster has database 0 only")
             return RedisTarget("redis+cluster", username=user, password=password, sentinels=seeds)
         db = u.path.strip("/")
+        tls = {k: query[k][0] for k in TLS_PARAMS if k in query}
+        if tls and u.scheme != "rediss":
+            raise ValueError(f"{', '.join(tls)} apply to rediss:// only")
+        for name, path in tls.items():
+            if not Path(path).is_file():
+                raise ValueError(f"{name} {path!r} is not a readable file")
         return RedisTarget(u.scheme, host=u.hostname or "127.0.0.1", port=u.port or 6379,
-                           db=int(db or query.get("db", ["0"])[0]), username=user, password=password)
+                           db=int(db or query.get("db", ["0"])[0]), username=user, password=password,
+                           ssl_ca_certs=tls.get("ssl_ca_certs", ""), ssl_certfile=tls.get("ssl_certfile", ""),
+                           ssl_keyfile=tls.get("ssl_keyfile", ""))
     except ValueError as exc:
         raise ConfigError(f"redis_url {redact(url)!r} is not valid: {exc}") from None
 

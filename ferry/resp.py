@@ -17,7 +17,6 @@ dropped and reopened by the next call.
 from __future__ import annotations
 
 import asyncio
-import ssl
 from collections import deque
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -134,8 +133,7 @@ class RespClient:
                 _, proto = await loop.create_unix_connection(_Protocol, t.path)
             else:
                 host, port = await self._primary(t) if t.sentinel else (t.host, t.port)
-                context = ssl.create_default_context() if t.scheme == "rediss" else None
-                _, proto = await loop.create_connection(_Protocol, host, port, ssl=context)
+                _, proto = await loop.create_connection(_Protocol, host, port, ssl=t.ssl_context())
             setup: list[Command] = []
             if t.password is not None:
                 setup.append(("AUTH", t.username, t.password) if t.username else ("AUTH", t.password))

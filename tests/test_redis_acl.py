@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,7 +23,8 @@ import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
 from broker.acl import RULES, rules
-from ferry.cluster import RedisServer, start_redis
+from ferry.cluster import RedisServer, find_redis_server, free_port, start_redis
+from tests.certs import CA
 from tests.conftest import ROOT, Cluster
 
 PASSWORD = "s3cret-for-tests"
@@ -97,3 +100,45 @@ def test_a_wrong_password_is_refused_with_a_clear_message(repo: Path, tmp_path: 
     assert proc.returncode != 0
     assert "WRONGPASS" in proc.stderr or "invalid username-password" in proc.stderr, proc.stderr[-2000:]
     assert WRONG not in proc.stderr, "the password reached the log"
+
+
+def test_components_reach_redis_over_tls_as_their_acl_users(repo: Path, tmp_path: Path) -> None:
+    """rediss:// with a private CA (ssl_ca_certs), every component as its own user, nothing in plaintext."""
+    ca = CA(tmp_path, "redis-ca")
+    server_pem = ca.issue(tmp_path, "redis", server=True)
+    plain, tls = free_port(), free_port()
+    workdir = tempfile.TemporaryDirectory(prefix="ferry-redis-tls-")
+    binary = find_redis_server()
+    assert binary is not None
+    proc = subprocess.Popen([binary, "--port", str(plain), "--bind", "127.0.0.1", "--save", "", "--dir", workdir.name,
+                             "--tls-port", str(tls), "--tls-cert-file", str(server_pem.cert), "--tls-key-file",
+                             str(server_pem.key), "--tls-ca-cert-file", str(ca.pem.cert), "--tls-auth-clients", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server = RedisServer(proc, f"redis://127.0.0.1:{plain}/0", workdir)
+    admin = redis.Redis.from_url(server.url)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            admin.ping()
+            break
+        except redis.ConnectionError:
+            assert time.monotonic() < deadline and proc.poll() is None, "redis-server with TLS did not start"
+            time.sleep(0.05)
+    for role in RULES:
+        admin.execute_command("ACL", "SETUSER", f"ferry-{role}", "on", f">{PASSWORD}", *rules(role))
+    url = f"rediss://ferry-{{role}}:{PASSWORD}@127.0.0.1:{tls}/0?ssl_ca_certs={ca.pem.cert}"
+    c = Cluster(repo, tmp_path, redis=server, role_env={r: {"FERRY_REDIS_URL": url.format(role=r)} for r in RULES})
+    try:
+        x = tc.InferInput("INPUT0", [1, 256], "FP32")
+        x.set_data_from_numpy(np.ones((1, 256), np.float32))
+        out = c.client().infer("mlp", [x], client_timeout=10).as_numpy("OUTPUT0")
+        assert out is not None and out.shape == (1, 10)
+        clients = [dict(kv.split("=", 1) for kv in line.split(" ") if "=" in kv)
+                   for line in admin.execute_command("CLIENT", "LIST").decode().splitlines()]
+        ours = [cl for cl in clients if cl.get("user", "").startswith("ferry-")]
+        assert {cl["user"] for cl in ours} == {f"ferry-{r}" for r in RULES}
+        assert all(cl["laddr"].endswith(f":{tls}") for cl in ours), ours  # every connection over TLS
+        c.stop_cleanly()
+        assert admin.execute_command("ACL", "LOG") == []
+    finally:
+        c.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from ferry.errors import ConfigError
@@ -66,3 +68,15 @@ def test_cluster_commands_route_by_their_key() -> None:
     assert key_of(["XINFO", "CONSUMERS", "stream", "g"]) == "stream"
     assert key_of(["SCRIPT", "LOAD", "return 1"]) is None
     assert key_of(["XADD", "stream", "*", "f", "v"]) == "stream"
+
+
+def test_tls_files_are_rediss_only_and_must_exist(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not checked here")
+    t = parse(f"rediss://u:p@h:6380/2?ssl_ca_certs={ca}")
+    assert (t.ssl_ca_certs, t.db, t.port) == (str(ca), 2, 6380)
+    with pytest.raises(ConfigError, match="rediss:// only"):
+        parse(f"redis://h?ssl_ca_certs={ca}")
+    with pytest.raises(ConfigError, match=r"ssl_certfile .* is not a readable file"):
+        parse("rediss://h?ssl_certfile=/nonexistent.pem")
+    assert parse("redis://h").ssl_context() is None

@@ -1,0 +1,97 @@
+"""Throughput as gateway and worker processes are added, and where each request's CPU goes.
+
+    .venv/bin/python benchmarks/scale.py            # prints markdown tables (about four minutes)
+
+For each (gateways, workers) layout it starts ``ferry up --gateways G --workers W`` and drives it with
+perf_analyzer at ``--concurrency``; for every layout it also reads the CPU time of each process from /proc
+over a window in the middle of the run (as ``benchmarks/cpu_per_request.py`` does) and divides by the
+requests served. Those per-request costs are what docs/benchmarks.md's cluster projection is built from:
+a component's capacity is (cores given to it) / (CPU seconds per request), and Redis, single-threaded,
+gets one core per shard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.cpu_per_request import snapshot  # noqa: E402
+from ferry.cluster import free_port, wait_ready  # noqa: E402
+
+ROLES = ("gateway", "broker", "worker", "redis-server", "perf_analyzer")
+
+
+@contextlib.contextmanager
+def cluster(gateways: int, workers: int) -> Iterator[str]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FERRY_") and k != "REDIS_URL"}
+    env["FERRY_METRICS_PORT"] = "-1"
+    up = subprocess.Popen([sys.executable, "-m", "ferry.cli", "up", "--grpc-port", str(port), "--gateways",
+                           str(gateways), "--workers", str(workers)], cwd=ROOT, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        if not wait_ready(f"127.0.0.1:{port}", 60):
+            raise RuntimeError("ferry up did not become ready")
+        time.sleep(1)  # the other gateways: each binds before it reports ready, give them a moment
+        yield f"127.0.0.1:{port}"
+    finally:
+        up.send_signal(signal.SIGINT)
+        up.wait(60)
+
+
+def run(pa: str, url: str, concurrency: int, seconds: float) -> tuple[float, float, dict[str, float]]:
+    """(inferences/s, p99 ms, CPU µs per request by role) for one perf_analyzer run."""
+    with tempfile.NamedTemporaryFile(suffix=".csv") as f:
+        proc = subprocess.Popen([pa, "-m", "mlp", "-u", url, "-i", "grpc", "--concurrency-range",
+                                 f"{concurrency}:{concurrency}", "--measurement-interval", str(int(seconds * 1000)),
+                                 "--stability-percentage", "100", "--max-trials", "3", "-f", f.name],
+                                stdout=subprocess.DEVNULL)
+        time.sleep(2)
+        before, t0 = snapshot(), time.monotonic()
+        time.sleep(seconds)
+        after, dt = snapshot(), time.monotonic() - t0
+        if proc.wait(300) != 0:
+            raise RuntimeError("perf_analyzer failed")
+        header, row = Path(f.name).read_text().splitlines()[:2]
+    rec = dict(zip(header.split(","), row.split(","), strict=False))
+    rate = float(rec["Inferences/Second"])
+    cores: dict[str, float] = {}
+    for pid, (name, cpu) in after.items():
+        if pid in before:
+            cores[name] = cores.get(name, 0.0) + (cpu - before[pid][1]) / dt
+    return rate, float(rec["p99 latency"]) / 1000, {k: v * 1e6 / rate for k, v in cores.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layouts", default="1x1,2x1,1x2,2x2", help="GATEWAYSxWORKERS, comma-separated")
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--seconds", type=float, default=6.0)
+    args = ap.parse_args()
+    pa = subprocess.run([str(ROOT / "benchmarks" / "install_perf_analyzer.sh")], check=True, capture_output=True,
+                        text=True).stdout.strip().splitlines()[-1]
+    print(f"{os.cpu_count()} cores; perf_analyzer at concurrency {args.concurrency} on the same cores\n")
+    print("| gateways | workers | inferences/s | p99 ms | " + " | ".join(f"{r} µs/req" for r in ROLES)
+          + " | total µs/req |")
+    print("|---:|---:|---:|---:|" + "---:|" * (len(ROLES) + 1))
+    for layout in args.layouts.split(","):
+        g, w = (int(x) for x in layout.split("x"))
+        with cluster(g, w) as url:
+            rate, p99, us = run(pa, url, args.concurrency, args.seconds)
+        cells = " | ".join(f"{us.get(r, 0):.0f}" for r in ROLES)
+        print(f"| {g} | {w} | {rate:,.0f} | {p99:.1f} | {cells} | {sum(us.values()):.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
