@@ -294,6 +294,7 @@ def main() -> None:
     ap.add_argument("--streaming", action="store_true",
                     help="perf_analyzer --streaming: ModelStreamInfer, one bidirectional stream per client "
                     "(its own section and plots)")
+    ap.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib needed)")
     ap.add_argument("--from-json", type=Path, default=None,
                     help="write the tables and plots of a run saved with --json, without measuring")
     args = ap.parse_args()
@@ -355,7 +356,7 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, list[Row]]], l
     peers = list(next(iter(results.values())))
     streaming = run.get("streaming") == "True"
     tag = "-streaming" if streaming else ""
-    images = plots(results, args.img, tag)
+    images = [] if args.no_plots else plots(results, args.img, tag)
     with open("/proc/cpuinfo") as f:
         cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), platform.machine())
     section = "\n".join([

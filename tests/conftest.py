@@ -114,6 +114,12 @@ class Cluster:
         codes = {role: self.stop_role(role) for role in ("gateway", "broker", "worker")}
         return codes
 
+    def stop_cleanly(self) -> None:
+        """Stop gracefully and assert what every test's teardown wants: exit 0 everywhere, no leaked keys."""
+        codes = self.stop()
+        assert all(code == 0 for group in codes.values() for code in group), f"{codes}\n{self.logs()}"
+        assert self.leaked_keys() == []
+
     def leaked_keys(self) -> list[str]:
         """Keys other than the structural streams/stats, plus non-empty streams or pending entries."""
         r = self.redis_client()
@@ -150,8 +156,6 @@ def cluster(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cl
     c = Cluster(repo, tmp_path_factory.mktemp("logs"), gateway_args=("--max-message-bytes", "1048576"))
     try:
         yield c
-        codes = c.stop()
-        assert all(code == 0 for group in codes.values() for code in group), f"{codes}\n{c.logs()}"
-        assert c.leaked_keys() == []
+        c.stop_cleanly()
     finally:
         c.close()

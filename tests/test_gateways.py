@@ -20,9 +20,7 @@ def shared(repo: Path, tmp_path: Path) -> Iterator[Cluster]:
     try:
         c.spawn("gateway", "--grpc-port", str(c.port), "--host", "127.0.0.1", "--reuse-port", "--log-level", "DEBUG")
         yield c
-        codes = c.stop()
-        assert all(code == 0 for group in codes.values() for code in group), f"{codes}\n{c.logs()}"
-        assert c.leaked_keys() == []
+        c.stop_cleanly()
     finally:
         c.close()
 
