@@ -72,6 +72,15 @@ def _component(ns: argparse.Namespace) -> None:
                           "pick another port with --metrics-port (0: any free port, -1: off)") from None
 
     async def main(stop: asyncio.Event) -> None:
+        from ferry.redis_conn import REDIS_DOWN, unavailable
+
+        try:
+            await serve_component(stop)
+        except REDIS_DOWN as exc:
+            # Redis refused or dropped us for good (wrong address, password, TLS): say so, not a traceback.
+            raise unavailable(settings.redis_url, exc) from None
+
+    async def serve_component(stop: asyncio.Event) -> None:
         if isinstance(settings, cfg.GatewaySettings):
             from gateway.server import serve
 

@@ -103,16 +103,18 @@ def test_a_wrong_password_is_refused_with_a_clear_message(repo: Path, tmp_path: 
 
 
 def test_components_reach_redis_over_tls_as_their_acl_users(repo: Path, tmp_path: Path) -> None:
-    """rediss:// with a private CA (ssl_ca_certs), every component as its own user, nothing in plaintext."""
+    """rediss:// with a private CA (ssl_ca_certs) and client certificates (Redis with tls-auth-clients yes),
+    every component as its own user, nothing in plaintext."""
     ca = CA(tmp_path, "redis-ca")
     server_pem = ca.issue(tmp_path, "redis", server=True)
+    client_pem = ca.issue(tmp_path, "ferry-client", server=False)
     plain, tls = free_port(), free_port()
     workdir = tempfile.TemporaryDirectory(prefix="ferry-redis-tls-")
     binary = find_redis_server()
     assert binary is not None
     proc = subprocess.Popen([binary, "--port", str(plain), "--bind", "127.0.0.1", "--save", "", "--dir", workdir.name,
                              "--tls-port", str(tls), "--tls-cert-file", str(server_pem.cert), "--tls-key-file",
-                             str(server_pem.key), "--tls-ca-cert-file", str(ca.pem.cert), "--tls-auth-clients", "no"],
+                             str(server_pem.key), "--tls-ca-cert-file", str(ca.pem.cert), "--tls-auth-clients", "yes"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     server = RedisServer(proc, f"redis://127.0.0.1:{plain}/0", workdir)
     admin = redis.Redis.from_url(server.url)
@@ -126,7 +128,8 @@ def test_components_reach_redis_over_tls_as_their_acl_users(repo: Path, tmp_path
             time.sleep(0.05)
     for role in RULES:
         admin.execute_command("ACL", "SETUSER", f"ferry-{role}", "on", f">{PASSWORD}", *rules(role))
-    url = f"rediss://ferry-{{role}}:{PASSWORD}@127.0.0.1:{tls}/0?ssl_ca_certs={ca.pem.cert}"
+    url = (f"rediss://ferry-{{role}}:{PASSWORD}@127.0.0.1:{tls}/0?ssl_ca_certs={ca.pem.cert}"
+           f"&ssl_certfile={client_pem.cert}&ssl_keyfile={client_pem.key}")
     c = Cluster(repo, tmp_path, redis=server, role_env={r: {"FERRY_REDIS_URL": url.format(role=r)} for r in RULES})
     try:
         x = tc.InferInput("INPUT0", [1, 256], "FP32")
@@ -138,6 +141,14 @@ def test_components_reach_redis_over_tls_as_their_acl_users(repo: Path, tmp_path
         ours = [cl for cl in clients if cl.get("user", "").startswith("ferry-")]
         assert {cl["user"] for cl in ours} == {f"ferry-{r}" for r in RULES}
         assert all(cl["laddr"].endswith(f":{tls}") for cl in ours), ours  # every connection over TLS
+        # Without a client certificate that Redis refuses the handshake: the component says so and exits.
+        bare = f"rediss://ferry-broker:{PASSWORD}@127.0.0.1:{tls}/0?ssl_ca_certs={ca.pem.cert}"
+        proc = subprocess.run([sys.executable, "-m", "ferry.cli", "broker"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=60, env=c.env | {"FERRY_REDIS_URL": bare, "FERRY_REDIS_TIMEOUT_S": "1",
+                                                       "FERRY_METRICS_PORT": "-1"})
+        assert proc.returncode == 1 and PASSWORD not in proc.stderr, proc.stderr[-2000:]
+        assert "UNAVAILABLE: Redis at" in proc.stderr and "CERTIFICATE_REQUIRED" in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
         c.stop_cleanly()
         assert admin.execute_command("ACL", "LOG") == []
     finally:
