@@ -21,7 +21,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from broker.scheduler import LatencyModel, worker_free_at
+from broker.scheduler import LatencyModel, smooth, worker_free_at
 
 EARLY_MEMORY_S = 10.0  # done notices for entries not (yet) known here are remembered this long
 
@@ -67,7 +67,7 @@ class Pool:
         return sent[0], sent[3]
 
     def observe_hop(self, hop: float) -> None:
-        self.hop = hop if self.hop == 0 else 0.9 * self.hop + 0.1 * hop
+        self.hop = hop if self.hop == 0 else smooth(self.hop, hop)
 
 
 @dataclass

@@ -49,6 +49,20 @@ from dataclasses import dataclass, field
 
 from ferry.errors import Code
 
+# A dispatch-to-done sample above this multiple of the current estimate (plus a floor) is clipped
+# before it is averaged in. A batch that waited out a Redis failover or a dead worker's takeover
+# says nothing about the normal cost of a hop, and one such 3 s sample used to raise the estimate
+# from milliseconds to a third of a second: admission then saw the pool as 100x slower and
+# rejected requests as hopeless (a chaos run caught it). A real slowdown still gets through:
+# each sample may raise the estimate by up to 20%.
+OUTLIER_FACTOR = 3.0
+OUTLIER_FLOOR_S = 0.005
+
+
+def smooth(current: float, sample: float) -> float:
+    """Exponential average (weight 0.1) of ``sample`` into ``current``, outliers clipped."""
+    return 0.9 * current + 0.1 * min(max(0.0, sample), OUTLIER_FACTOR * current + OUTLIER_FLOOR_S)
+
 
 class LatencyModel:
     """Batch duration ≈ a·rows + b, fitted online from measured batches.
@@ -92,7 +106,7 @@ class LatencyModel:
         self.a, self.b = (self._xy / self._xx if self._xx else 0.0), 0.0
 
     def observe_overhead(self, seconds: float) -> None:
-        self.overhead = seconds if self.samples <= 1 else 0.9 * self.overhead + 0.1 * max(0.0, seconds)
+        self.overhead = max(0.0, seconds) if self.samples <= 1 else smooth(self.overhead, seconds)
 
     def compute(self, rows: int) -> float:
         return self.a * rows + self.b

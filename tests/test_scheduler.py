@@ -301,3 +301,19 @@ def test_worker_free_at_follows_the_batches_handed_to_the_pool() -> None:
     # Batches formed this round count as starting now or when a worker frees, whichever is later.
     assert worker_free_at([(0.0, 0.004)], 2, 0.001, [0.001]) == pytest.approx(0.002)
     assert worker_free_at([], 0, 0.0, [0.002]) == pytest.approx(0.002)  # no live worker counts as one
+
+
+def test_one_batch_that_waited_out_an_outage_does_not_make_the_pool_look_slow() -> None:
+    lat = LatencyModel()
+    for _ in range(20):
+        lat.observe(8, 0.001)
+        lat.observe_overhead(0.002)
+    assert lat.overhead == pytest.approx(0.002)
+    lat.observe(8, 0.001)
+    lat.observe_overhead(3.0)  # dispatched just before a Redis failover, done after it
+    assert lat.overhead < 0.004, lat.overhead
+    # A lasting slowdown is still learned: 50 ms hops are believed within a few dozen batches.
+    for _ in range(40):
+        lat.observe(8, 0.001)
+        lat.observe_overhead(0.05)
+    assert lat.overhead == pytest.approx(0.05, rel=0.05)
