@@ -61,7 +61,7 @@ from ferry.resp_cluster import data_client
 from ferry.settings import WorkerSettings
 from ferry.tracing import Tracing
 from workers.batch import BatchResult, BatchRunner
-from workers.recovery import triage
+from workers.recovery import settle_entries, triage
 from workers.runtime import load_runtime
 
 log = logging.getLogger("ferry.worker")
@@ -236,9 +236,9 @@ class Worker:
         await self._outbox.put((commands, self._writes.send_now(commands), ids))
 
     def _reply_commands(self, ids: list[bytes], result: BatchResult) -> list[list[bytes | str | int]]:
-        """Replies first (one bundle per gateway), then the acknowledgement of the batch entries."""
+        """Replies first (one bundle per gateway), then the batch entries deleted and acknowledged."""
         commands = scripts.push_reply_commands(result.replies)
-        commands += [["XACK", self.stream, keys.WORKER_GROUP, *ids], ["XDEL", self.stream, *ids]]
+        commands += settle_entries(self.stream, ids)
         return commands
 
     async def _writer(self) -> None:
