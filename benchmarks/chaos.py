@@ -108,9 +108,8 @@ class Redis:
         self.workdir = workdir
         self.sentinel = sentinel
         self.cluster = cluster
-        pick = _cluster_port if cluster else free_port
-        self.ports = [pick() for _ in range(6 if cluster else 2 if sentinel else 1)]
-        self.sentinel_ports = [free_port() for _ in range(3)] if sentinel else []
+        self.ports = _distinct_ports(6 if cluster else 2 if sentinel else 1, cluster)
+        self.sentinel_ports = _distinct_ports(3, False, avoid=self.ports) if sentinel else []
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.host = "127.0.0.1"
         self.cut_s = 3.0
@@ -307,6 +306,22 @@ class Netns:
     def delete(self) -> None:
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
         subprocess.run(["ip", "link", "del", self.veth], capture_output=True)
+
+
+def _distinct_ports(n: int, cluster: bool, avoid: list[int] | None = None) -> list[int]:
+    """``n`` free ports, none repeated and none another's cluster-bus port: a free port is free only
+    until someone binds it, and picking one at a time can return the same port twice (a node then
+    fails to start, which a run once did)."""
+    taken = set(avoid or ())
+    out: list[int] = []
+    while len(out) < n:
+        port = _cluster_port() if cluster else free_port()
+        mine = {port, port + 10000} if cluster else {port}
+        if mine & taken or (cluster and port - 10000 in taken):
+            continue
+        taken |= mine
+        out.append(port)
+    return out
 
 
 def _cluster_port() -> int:
