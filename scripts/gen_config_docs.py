@@ -36,7 +36,7 @@ def render() -> str:
         for f in dataclasses.fields(cls):
             if skip and f.name in skip:
                 continue
-            default = f.default if f.default != "" else "(generated)"
+            default = f.default if f.default != "" else "(generated)" if f.name.endswith("_id") else "(empty)"
             if f.name == "metrics_port":
                 default = "8002 / 8003 / 8004 (gateway / broker / worker)"
             parts.append(f"| `--{f.name.replace('_', '-')}` | `{cfg.ENV_PREFIX}{f.name.upper()}` | `{default}` "
