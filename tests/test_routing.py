@@ -145,9 +145,22 @@ def test_low_load_runs_on_the_cheapest_pool_and_overload_spills(repo: Path, tmp_
     cluster = _cluster(repo, tmp_path, CHEAP, PRICEY)
     try:
         _wait_live(cluster, "pricey", 1)
+        _wait_live(cluster, "cheap", 1)
         seen = DoneNotices(cluster.redis_client(), ("cheap", "pricey"))
         notices.append(seen)
         c = cluster.client()
+        # Live in Redis is not yet known to the broker (its registry view and done-notice subscription
+        # catch up within a second or so, slower on a loaded CI machine): until three requests in a row
+        # have run on the cheap pool, the broker is still starting; then count afresh.
+        deadline = time.monotonic() + 15
+        streak = 0
+        while streak < 3:
+            before = seen.counts["cheap"]
+            _infer(c, "routed", 0.5)
+            time.sleep(0.05)  # the notice is published just after the reply
+            streak = streak + 1 if seen.counts["cheap"] > before else 0
+            assert time.monotonic() < deadline, f"the broker never routed to the cheap pool: {seen.counts}"
+        seen.counts.clear()
         for i in range(20):  # one at a time: the cheap pool always has room
             _infer(c, "routed", 0.01 * i)
         time.sleep(0.2)  # the last notices are published after the replies
