@@ -49,6 +49,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.sweep import median_rows, perf_analyzer  # noqa: E402
 from ferry.cluster import free_port  # noqa: E402
 
 PEERS = ("ferry", "ferry-fixed", "triton", "mlserver", "rayserve", "plain")
@@ -56,12 +57,6 @@ EXTERNAL = {"triton", "mlserver", "rayserve"}  # the ones with a module in bench
 LEVELS = (1, 2, 4, 8, 16, 32, 64)
 BEGIN, END = "<!-- benchmarks/compare.py: begin -->", "<!-- benchmarks/compare.py: end -->"
 Row = dict[str, float]
-
-
-def perf_analyzer() -> str:
-    out = subprocess.run([str(ROOT / "benchmarks" / "install_perf_analyzer.sh")], check=True,
-                         capture_output=True, text=True)
-    return out.stdout.strip().splitlines()[-1]
 
 
 def pin(cpu: int | None) -> list[str]:
@@ -168,15 +163,6 @@ def measure(pa: str, url: str, level: int, args: argparse.Namespace, cpu: int | 
               + (" (unstable)" if unstable else ""), flush=True)
         return row
     return failed
-
-
-def median(runs: list[list[Row]]) -> list[Row]:
-    """Per level, the run with the median throughput (its latencies go with it)."""
-    out = []
-    for level_runs in zip(*runs, strict=True):
-        ok = sorted((r for r in level_runs if r["throughput"] == r["throughput"]), key=lambda r: r["throughput"])
-        out.append(dict(ok[len(ok) // 2]) if ok else dict(level_runs[0]))
-    return out
 
 
 def fmt(x: float, digits: int = 0) -> str:
@@ -342,7 +328,7 @@ def main() -> None:
                     nan = float("nan")
                     runs[mode][p].append([{"concurrency": c, "throughput": nan, "p50_ms": nan, "p99_ms": nan}
                                           for c in levels])
-    results = {m: {p: median(runs[m][p]) for p in peers} for m in modes}
+    results = {m: {p: median_rows(runs[m][p]) for p in peers} for m in modes}
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs,
                                          "median": results, "date": time.strftime("%Y-%m-%d"), "commit": commit()},
@@ -383,7 +369,7 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, list[Row]]], l
         *[f"![{p.stem}](img/{p.name})" for p in images],
     ])
     write_doc(args.out, section, tag.replace("-", " --"))
-    print(f"wrote {args.out} and {', '.join(str(p) for p in images)}")
+    print(f"wrote {', '.join(str(p) for p in [args.out, *images])}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 TICK = os.sysconf("SC_CLK_TCK")
+
+from benchmarks.sweep import perf_analyzer  # noqa: E402
 
 
 def snapshot() -> dict[int, tuple[str, float]]:
@@ -43,6 +46,29 @@ def snapshot() -> dict[int, tuple[str, float]]:
     return out
 
 
+def measure(pa: str, url: str, model: str, concurrency: int, seconds: float) -> tuple[float, float, dict[str, float]]:
+    """One perf_analyzer run: (inferences/s, p99 ms, CPU cores used per process role over a window
+    in its middle)."""
+    with tempfile.NamedTemporaryFile(suffix=".csv") as f:
+        c = concurrency
+        proc = subprocess.Popen([pa, "-m", model, "-u", url, "-i", "grpc", "--concurrency-range", f"{c}:{c}",
+                                 "--measurement-interval", str(int(seconds * 1000)), "--stability-percentage",
+                                 "100", "--max-trials", "3", "-f", f.name], stdout=subprocess.DEVNULL)
+        time.sleep(2)
+        before, t0 = snapshot(), time.monotonic()
+        time.sleep(seconds)
+        after, dt = snapshot(), time.monotonic() - t0
+        if proc.wait(300) != 0:
+            raise RuntimeError("perf_analyzer failed")
+        header, row = Path(f.name).read_text().splitlines()[:2]
+    rec = dict(zip(header.split(","), row.split(","), strict=False))
+    cores: dict[str, float] = {}
+    for pid, (name, cpu) in after.items():
+        if pid in before:
+            cores[name] = cores.get(name, 0.0) + (cpu - before[pid][1]) / dt
+    return float(rec["Inferences/Second"]), float(rec["p99 latency"]) / 1000, cores
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default="127.0.0.1:8001")
@@ -50,26 +76,11 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=8.0)
     args = ap.parse_args()
-    pa = subprocess.run([str(ROOT / "benchmarks" / "install_perf_analyzer.sh")], check=True, capture_output=True,
-                        text=True).stdout.strip().splitlines()[-1]
-    with tempfile.NamedTemporaryFile(suffix=".csv") as f:
-        c = args.concurrency
-        proc = subprocess.Popen([pa, "-m", args.model, "-u", args.url, "-i", "grpc", "--concurrency-range", f"{c}:{c}",
-                                 "--measurement-interval", str(int(args.seconds * 1000)), "--stability-percentage",
-                                 "100", "--max-trials", "3", "-f", f.name], stdout=subprocess.DEVNULL)
-        time.sleep(2)
-        before, t0 = snapshot(), time.monotonic()
-        time.sleep(args.seconds)
-        after, dt = snapshot(), time.monotonic() - t0
-        if proc.wait(300) != 0:
-            print("perf_analyzer failed", file=sys.stderr)
-            return 1
-        header, row = Path(f.name).read_text().splitlines()[:2]
-    rate = float(dict(zip(header.split(","), row.split(","), strict=False))["Inferences/Second"])
-    per: dict[str, float] = {}
-    for pid, (name, cpu) in after.items():
-        if pid in before:
-            per[name] = per.get(name, 0.0) + (cpu - before[pid][1]) / dt
+    try:
+        rate, _, per = measure(perf_analyzer(), args.url, args.model, args.concurrency, args.seconds)
+    except RuntimeError as exc:
+        print(exc, file=sys.stderr)
+        return 1
     print(f"concurrency {args.concurrency}: {rate:.0f} inferences/s")
     print("| process | CPU (cores) | CPU µs per request |\n|---|---:|---:|")
     for name, cores in sorted(per.items(), key=lambda kv: -kv[1]):

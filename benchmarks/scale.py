@@ -18,7 +18,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.cpu_per_request import snapshot  # noqa: E402
+from benchmarks.cpu_per_request import measure  # noqa: E402
+from benchmarks.sweep import perf_analyzer  # noqa: E402
 from ferry.cluster import free_port, wait_ready  # noqa: E402
 
 ROLES = ("gateway", "broker", "worker", "redis-server", "perf_analyzer")
@@ -50,37 +50,13 @@ def cluster(gateways: int, workers: int) -> Iterator[str]:
         up.wait(60)
 
 
-def run(pa: str, url: str, concurrency: int, seconds: float) -> tuple[float, float, dict[str, float]]:
-    """(inferences/s, p99 ms, CPU µs per request by role) for one perf_analyzer run."""
-    with tempfile.NamedTemporaryFile(suffix=".csv") as f:
-        proc = subprocess.Popen([pa, "-m", "mlp", "-u", url, "-i", "grpc", "--concurrency-range",
-                                 f"{concurrency}:{concurrency}", "--measurement-interval", str(int(seconds * 1000)),
-                                 "--stability-percentage", "100", "--max-trials", "3", "-f", f.name],
-                                stdout=subprocess.DEVNULL)
-        time.sleep(2)
-        before, t0 = snapshot(), time.monotonic()
-        time.sleep(seconds)
-        after, dt = snapshot(), time.monotonic() - t0
-        if proc.wait(300) != 0:
-            raise RuntimeError("perf_analyzer failed")
-        header, row = Path(f.name).read_text().splitlines()[:2]
-    rec = dict(zip(header.split(","), row.split(","), strict=False))
-    rate = float(rec["Inferences/Second"])
-    cores: dict[str, float] = {}
-    for pid, (name, cpu) in after.items():
-        if pid in before:
-            cores[name] = cores.get(name, 0.0) + (cpu - before[pid][1]) / dt
-    return rate, float(rec["p99 latency"]) / 1000, {k: v * 1e6 / rate for k, v in cores.items()}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layouts", default="1x1,2x1,1x2,2x2", help="GATEWAYSxWORKERS, comma-separated")
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=6.0)
     args = ap.parse_args()
-    pa = subprocess.run([str(ROOT / "benchmarks" / "install_perf_analyzer.sh")], check=True, capture_output=True,
-                        text=True).stdout.strip().splitlines()[-1]
+    pa = perf_analyzer()
     print(f"{os.cpu_count()} cores; perf_analyzer at concurrency {args.concurrency} on the same cores\n")
     print("| gateways | workers | inferences/s | p99 ms | " + " | ".join(f"{r} µs/req" for r in ROLES)
           + " | total µs/req |")
@@ -88,7 +64,8 @@ def main() -> None:
     for layout in args.layouts.split(","):
         g, w = (int(x) for x in layout.split("x"))
         with cluster(g, w) as url:
-            rate, p99, us = run(pa, url, args.concurrency, args.seconds)
+            rate, p99, cores = measure(pa, url, "mlp", args.concurrency, args.seconds)
+        us = {role: c * 1e6 / rate for role, c in cores.items()}
         cells = " | ".join(f"{us.get(r, 0):.0f}" for r in ROLES)
         print(f"| {g} | {w} | {rate:,.0f} | {p99:.1f} | {cells} | {sum(us.values()):.0f} |", flush=True)
 

@@ -84,7 +84,6 @@ class CertificateFiles:
         self.paths = [cert, key] + ([client_ca] if client_ca else [])
         self.cert, self.key, self.client_ca = cert, key, client_ca
         self._stamp: tuple[tuple[int, int, int], ...] = ()
-        self.reloads = 0
 
     def load(self) -> Any:
         """A grpc certificate configuration from the files as they are now (ConfigError if unusable)."""
@@ -114,7 +113,6 @@ class CertificateFiles:
         except (OSError, ConfigError) as exc:
             log.warning("TLS files changed but do not load (%s); keeping the previous certificate", exc)
             return None
-        self.reloads += 1
         log.info("TLS certificate reloaded from %s", self.cert)
         return config
 
@@ -165,12 +163,11 @@ def parse_tokens(text: str, source: str) -> dict[str, Grant]:
 class TokenFile:
     """The tokens file, read again (at most once per RELOAD_CHECK_S) when it changes."""
 
-    def __init__(self, path: Path, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self._clock = clock
-        self._checked = clock()
-        self._stamp = _stamp([path]) if path.exists() else ()
+        self._checked = time.monotonic()
         self.grants = parse_tokens(self._read(), str(path))
+        self._stamp = _stamp([path])
 
     def _read(self) -> str:
         try:
@@ -179,7 +176,7 @@ class TokenFile:
             raise ConfigError(f"cannot read auth_tokens_file {self.path}: {exc}") from None
 
     def lookup(self, token: str) -> Grant | None:
-        now = self._clock()
+        now = time.monotonic()
         if now - self._checked >= RELOAD_CHECK_S:
             self._checked = now
             self._maybe_reload()

@@ -33,8 +33,8 @@ class Limits:
     overflows; the limits keep what the gateway, Redis and workers must hold bounded, and the
     BYTES framing check (a Python loop per element) short."""
 
-    max_elements: int = 1 << 26
-    max_bytes_elements: int = 1 << 20
+    max_elements: int
+    max_bytes_elements: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +61,7 @@ def _int_param(req: Any, name: str) -> int | None:
 class RequestValidator:
     """Precomputed lookups for one model version; ``check()`` validates one request."""
 
-    def __init__(self, mv: ModelVersion, limits: Limits = Limits()) -> None:
+    def __init__(self, mv: ModelVersion, limits: Limits) -> None:
         self.mv = mv
         self.limits = limits
         s = mv.settings

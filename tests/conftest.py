@@ -114,11 +114,15 @@ class Cluster:
         codes = {role: self.stop_role(role) for role in ("gateway", "broker", "worker")}
         return codes
 
-    def stop_cleanly(self) -> None:
-        """Stop gracefully and assert what every test's teardown wants: exit 0 everywhere, no leaked keys."""
+    def stop_ok(self) -> None:
+        """Stop gracefully and assert that every process exited 0."""
         codes = self.stop()
         assert all(code == 0 for group in codes.values() for code in group), f"{codes}\n{self.logs()}"
-        assert self.leaked_keys() == []
+
+    def stop_cleanly(self) -> None:
+        """Stop gracefully and assert what every test's teardown wants: exit 0 everywhere, no leaked keys."""
+        self.stop_ok()
+        assert self.leaked_keys() == [], self.logs()
 
     def leaked_keys(self) -> list[str]:
         """Keys other than the structural streams/stats, plus non-empty streams or pending entries."""

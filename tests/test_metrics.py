@@ -33,8 +33,7 @@ def metered(repo: Path, tmp_path_factory: pytest.TempPathFactory, ports: dict[st
                 broker_args=("--metrics-port", str(ports["broker"])))
     try:
         yield c
-        codes = c.stop()
-        assert all(code == 0 for group in codes.values() for code in group), f"{codes}\n{c.logs()}"
+        c.stop_ok()
     finally:
         c.close()
 
