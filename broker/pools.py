@@ -34,6 +34,7 @@ class Pool:
     unfinished: dict[bytes, tuple[float, int, float, float, bytes]] = field(default_factory=dict)
     early: dict[bytes, float] = field(default_factory=dict)  # done before its XADD reply came
     checked: float = 0.0  # when the unfinished entries were last checked
+    missing: set[bytes] = field(default_factory=set)  # unfinished, yet gone from the stream at the last check
     # Dispatch-to-done time beyond compute and waiting for a worker: the Redis hops and the
     # worker's own reading and replying.  An adaptive batch leaves this much before a worker frees.
     hop: float = 0.0
@@ -59,12 +60,27 @@ class Pool:
         """The entry's dispatch time and expected start, if this broker dispatched it and is still
         waiting for it."""
         sent = self.unfinished.pop(entry_id, None)
+        self.missing.discard(entry_id)
         if sent is None:
             self.early[entry_id] = at
             if len(self.early) > 1000:
                 self.early = {k: t for k, t in self.early.items() if at - t < EARLY_MEMORY_S}
             return None
         return sent[0], sent[3]
+
+    def lost(self, entry_id: bytes) -> bool:
+        """A check found this unfinished entry gone from the stream: is its done notice lost?
+
+        Not at the first sighting: a worker deletes the entry and publishes the notice in one
+        pipeline, so the notice can still be on its way (or unread on the subscription) while the
+        broker's check runs. Gone at two checks in a row (RESYNC_S apart) with no notice in between:
+        lost, and the batch is counted as finished so its room is not held forever."""
+        if entry_id not in self.missing:
+            self.missing.add(entry_id)
+            return False
+        self.missing.discard(entry_id)
+        self.unfinished.pop(entry_id, None)
+        return True
 
     def observe_hop(self, hop: float) -> None:
         self.hop = hop if self.hop == 0 else smooth(self.hop, hop)

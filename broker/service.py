@@ -522,10 +522,9 @@ class Broker:
         for pool in check:
             pool.checked = sent_at
         for (pool, entry_id), found in zip(checked, replies[len(replies) - len(checked):], strict=True):
-            if not found:
+            if not found and pool.lost(entry_id):
                 log.warning("no done notice for batch %s of pool %s; counting it as finished",
                             entry_id.decode(), pool.name)
-                pool.unfinished.pop(entry_id, None)
 
     def _wake_commands(self, now: float) -> list[list[bytes | str | int]]:
         """Raise the wake-up signal (keys.wake_list) of pools with no live worker that a model needs:

@@ -67,3 +67,18 @@ def test_deadline_checks_use_the_fastest_live_pool_and_the_least_loaded_backlog(
     assert fastest(opts, lambda p: 0) is None
     assert least_loaded(opts, lambda p: 1) == 0
     assert least_loaded(opts, lambda p: 1 if p == "cheap" else 0) == 4
+
+
+def test_a_batch_gone_from_the_stream_is_lost_only_at_the_second_check() -> None:
+    pool = Pool("cpu", "s")
+    for entry in (b"1-0", b"2-0"):
+        pool.dispatched(entry, at=0.0, rows=1, compute=0.001, workers=1, model=b"m")
+    # First check: both gone from the stream, their notices maybe still on the way.
+    assert not pool.lost(b"1-0") and not pool.lost(b"2-0")
+    assert set(pool.unfinished) == {b"1-0", b"2-0"}
+    assert pool.finished(b"1-0", at=0.01) is not None  # its notice arrives between the checks
+    # Second check: only the entry whose notice never came is lost, and counted as finished.
+    assert pool.lost(b"2-0")
+    assert pool.unfinished == {} and pool.missing == set()
+    # A later notice for it is remembered as early, not counted twice.
+    assert pool.finished(b"2-0", at=0.1) is None
