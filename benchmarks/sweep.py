@@ -22,6 +22,7 @@ import contextlib
 import csv
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,6 +42,10 @@ LEVELS = [1, 2, 4, 8, 16, 32, 64]
 
 
 def perf_analyzer() -> str:
+    """$PERF_ANALYZER, else perf_analyzer on PATH, else the private install (benchmarks/install_perf_analyzer.sh)."""
+    found = os.environ.get("PERF_ANALYZER") or shutil.which("perf_analyzer")
+    if found:
+        return found
     out = subprocess.run([str(ROOT / "benchmarks" / "install_perf_analyzer.sh")], check=True,
                          capture_output=True, text=True)
     return out.stdout.strip().splitlines()[-1]

@@ -16,6 +16,7 @@ share the pytest process with tritonclient (see conftest).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import subprocess
@@ -28,7 +29,20 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
-HAS_TENSORRT = "TensorrtExecutionProvider" in ort.get_available_providers()
+# onnxruntime-gpu lists TensorRT among its providers whether or not TensorRT's own libraries are
+# there (they are loaded when a session asks for the provider), so look for them too.
+TRT_BUILT_IN = "TensorrtExecutionProvider" in ort.get_available_providers()
+
+
+def _tensorrt_libraries() -> bool:
+    try:
+        ctypes.CDLL("libnvinfer.so.10")
+    except OSError:
+        return False
+    return True
+
+
+HAS_TENSORRT = TRT_BUILT_IN and _tensorrt_libraries()
 cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu and a CUDA device")
 
 PRELUDE = """
@@ -285,3 +299,12 @@ np.testing.assert_allclose(rt.run({{"x": x}}, ["y"])["y"], cpu.run(["y"], {{"x":
 print(json.dumps(rt.session.get_providers()))
 """)["out"]
     assert out[0] == "TensorrtExecutionProvider"
+
+
+@pytest.mark.skipif(not HAS_CUDA or not TRT_BUILT_IN or HAS_TENSORRT,
+                    reason="needs onnxruntime-gpu with CUDA, and TensorRT's libraries absent")
+def test_tensorrt_without_its_libraries_is_refused_at_load(tmp_path: Path) -> None:
+    """A GPU machine without TensorRT: --tensorrt must fail at load, never serve on CUDA (or the CPU) quietly."""
+    msg = ferry(tmp_path, "print(json.dumps(error(OnnxGpuRuntime, model('static'), settings(tensorrt=True))))")["out"]
+    assert msg is not None and msg.startswith("ConfigError: ") and "static" in msg, msg
+    assert "TensorrtExecutionProvider" in msg or "cannot load it on cuda:0" in msg, msg

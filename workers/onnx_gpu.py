@@ -53,8 +53,8 @@ GRAPH_ID_KEY, GRAPH_ID = "gpu_graph_id", "1"
 INSTALL_HINT = (
     "install the gpu extra in an environment WITHOUT the onnxruntime (CPU) package: pip uninstall -y "
     "onnxruntime onnxruntime-gpu && pip install 'ferry-serve[gpu]' (both packages install the same Python "
-    "module, one over the other); its onnxruntime-gpu must be built for the machine's CUDA major version "
-    "(docs/gpu.md)"
+    "module, one over the other), or 'ferry-serve[gpu-cuda13]' on a CUDA 13 machine: onnxruntime-gpu must be "
+    "built for the machine's CUDA major version (docs/gpu.md)"
 )
 
 Providers = list[tuple[str, dict[str, str]]]
