@@ -138,6 +138,7 @@ class Broker:
                 delay_on_timeout=s.queue_policy.timeout_action == "DELAY",
                 window_s=window,
                 gather_s=settings.gather_us / 1e6,
+                just_in_time=settings.just_in_time,
                 preferred=s.preferred_batch_sizes,
                 static_sizes=s.static_batch_sizes,
                 starvation_limit=settings.starvation_limit,

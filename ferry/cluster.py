@@ -134,6 +134,23 @@ def wait_ready(address: str, timeout_s: float) -> bool:
     return False
 
 
+def one_core_batching(env: dict[str, str], cpus: int | None = None) -> dict[str, str]:
+    """The broker's batching override when every process `ferry up` starts shares one CPU.
+
+    On one core an idle worker is no sign of a free core: the just-in-time rule (a partial batch
+    leaves at once for an idle worker) then sends one-request batches, each costing the core a
+    round of every process, which the gateway (the bottleneck) pays for. Gathering for gather_us
+    ran ~1.6x faster there (docs/scheduling.md). Only here is it known that the processes share
+    the core: a broker alone on one core (a pod with an exclusive CPU) keeps just-in-time.
+    An explicit FERRY_JUST_IN_TIME wins."""
+    cpus = len(os.sched_getaffinity(0)) if cpus is None else cpus
+    if cpus > 1 or "FERRY_JUST_IN_TIME" in env:
+        return {}
+    print("ferry up: one CPU for every process: the broker gathers batches for gather_us at any load "
+          "(FERRY_JUST_IN_TIME=false; set FERRY_JUST_IN_TIME=true to keep just-in-time)", file=sys.stderr)
+    return {"FERRY_JUST_IN_TIME": "false"}
+
+
 def up(model_repository: Path | None, grpc_port: int, workers: int, host: str, redis_url: str | None,
        gateways: int = 1) -> int:
     if gateways < 1 or workers < 0:
@@ -152,6 +169,7 @@ def up(model_repository: Path | None, grpc_port: int, workers: int, host: str, r
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     env["FERRY_REDIS_URL"] = redis_url
     env["FERRY_MODEL_REPOSITORY"] = str(model_repository)
+    broker_env = env | one_core_batching(env)
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
     stopping = False
     grpc_port = grpc_port or free_port()
@@ -176,7 +194,7 @@ def up(model_repository: Path | None, grpc_port: int, workers: int, host: str, r
         return ["--metrics-port", str(port)]
 
     try:
-        procs.append(("broker", _spawn("broker", metrics_flag("broker"), env)))
+        procs.append(("broker", _spawn("broker", metrics_flag("broker"), broker_env)))
         for i in range(workers):
             procs.append(("worker", _spawn("worker", ["--pool", "cpu", *metrics_flag(f"worker {i}")], env)))
         # Triton's 8002 when it is free (a second `ferry up` on the machine gets another).

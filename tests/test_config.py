@@ -262,3 +262,15 @@ def test_configuration_docs_are_current() -> None:
     proc = subprocess.run([sys.executable, "scripts/gen_config_docs.py", "--check"], capture_output=True, text=True,
                           timeout=60, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_ferry_up_gathers_batches_when_every_process_shares_one_cpu() -> None:
+    code = """
+import json
+from ferry.cluster import one_core_batching
+print(json.dumps([one_core_batching({}, cpus=1), one_core_batching({}, cpus=2),
+                  one_core_batching({"FERRY_JUST_IN_TIME": "true"}, cpus=1)]))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert json.loads(proc.stdout) == [{"FERRY_JUST_IN_TIME": "false"}, {}, {}]
+    assert "one CPU for every process" in proc.stderr

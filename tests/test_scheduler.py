@@ -265,6 +265,12 @@ def test_adaptive_gathers_for_a_free_worker_only_when_arrivals_are_frequent() ->
     for i in range(20):
         off.add(_request(i, 1, (i // 5) * 0.001))
     assert off.hold_for(-math.inf) == 0.0
+    # Without just-in-time (all processes on one core) even a slow trickle gathers the window.
+    gathering = ModelScheduler("m", max_batch_size=32, gather_s=0.002, just_in_time=False,
+                               latency=_fixed(0.0, 0.001))
+    for i in range(20):
+        gathering.add(_request(i, 1, i * 0.010))
+    assert gathering.hold_for(-math.inf) == pytest.approx(0.002)
 
 
 def test_a_request_behind_a_queue_it_cannot_outwait_is_rejected_on_arrival() -> None:
