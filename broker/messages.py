@@ -10,10 +10,13 @@ deadlines by as much).
 1. Request group (gateway -> ``request_stream``, through scripts.ENQUEUE), fields::
 
        r        id of the gateway holding the calls (replies go to keys.reply_list(r))
-       h        JSON ``[enqueue ns, level, shape key, [corr, rows, deadline ns, timeout ns, ...]]``
+       h        JSON ``[enqueue ns, level, shape key, [corr, rows, deadline ns, timeout ns, ...], holding]``
                 level: 0 = highest priority; shape key: requests with different keys never
                 share a batch; deadline: the client's (or the gateway's default) deadline;
-                timeout: end of the queue-policy timeout (0 = none)
+                timeout: end of the queue-policy timeout (0 = none); holding: calls the
+                gateway held waiting for replies when it sent the group, these included
+                (optional, absent = unknown): a broker that gathers only for requests that
+                exist reads it (scheduler ``just_in_time``)
        0..k-1   each request's ModelInferRequest exactly as received on the wire
        t        (only when tracing) JSON ``[traceparent, ...]``, one per request ('' = not traced)
 
@@ -121,6 +124,7 @@ class Group:
     members: list[int]  # flat, GROUP_STRIDE per request
     payloads: list[bytes]
     traces: list[str]  # [] when none is traced
+    holding: int = 0  # calls the gateway held (0: unknown)
 
 
 @dataclass(slots=True)
@@ -140,13 +144,13 @@ def _json(value: object) -> bytes:
 
 
 def group_fields(gateway: str, enqueued_ns: int, level: int, shape: str,
-                 requests: Sequence[Queued]) -> dict[bytes, bytes]:
+                 requests: Sequence[Queued], holding: int = 0) -> dict[bytes, bytes]:
     flat: list[int] = []
     fields: dict[bytes, bytes] = {F_REPLY: gateway.encode()}
     for i, q in enumerate(requests):
         flat += (q.corr, q.rows, q.deadline_ns, q.timeout_ns)
         fields[_field(i)] = q.payload
-    fields[F_HEADER] = _json([enqueued_ns, level, shape, flat])
+    fields[F_HEADER] = _json([enqueued_ns, level, shape, flat, holding])
     if any(q.trace for q in requests):
         fields[F_TRACE] = _json([q.trace for q in requests])
     return fields
@@ -163,11 +167,11 @@ def parse_cancel(fields: Fields) -> tuple[str, list[int]] | None:
 
 
 def parse_group(fields: Fields) -> Group:
-    enqueued_ns, level, shape, flat = json.loads(fields[F_HEADER])
+    enqueued_ns, level, shape, flat, *rest = json.loads(fields[F_HEADER])
     n = len(flat) // GROUP_STRIDE
     traces = json.loads(fields[F_TRACE]) if F_TRACE in fields else []
     return Group(fields[F_REPLY].decode(), enqueued_ns, level, shape, flat, [fields[_field(i)] for i in range(n)],
-                 traces)
+                 traces, int(rest[0]) if rest else 0)
 
 
 def batch_fields(model: str, version: int, shape: str, members: Sequence[Member],

@@ -34,10 +34,12 @@ otherwise gathers until the first one is expected to be free, less the hop to
 reach it (``hold_for``) -- a wait that costs nobody anything.  Under load it is
 the gather window, as a fixed window: holding for a busy worker on top left
 the worker's stream empty when it freed up.  Without ``just_in_time`` it is the
-gather window at any rate: where the broker, gateway and workers share one CPU
-core an idle worker is no sign of a free core, and each early one-request batch
-costs the core a round of every process (Ferry pinned to one core ran at about
-600/s just in time and 1,000/s gathering).
+gather window at any rate while the gateways hold more calls than are queued
+(each group says how many its gateway holds): where the broker, gateway and
+workers share one CPU core an idle worker is no sign of a free core, and each
+early one-request batch costs the core a round of every process (Ferry pinned
+to one core ran at about 700/s just in time and 1,000/s gathering).  A lone
+call still leaves at once: nothing exists that could join it.
 ``fixed`` (window W): as Triton's dynamic batcher, a partial batch waits
 until its oldest request has waited W (kept for reproducible comparisons).
 """
@@ -124,6 +126,8 @@ QUEUED, TAKEN, DROPPED = 0, 1, 2
 # An adaptive batch waits its gather window for an idle worker only when at least this many
 # more requests are expected within it: at lower rates nobody waits for nothing.
 GATHER_ARRIVALS = 2.0
+# A gateway's count of the calls it holds (its latest group's) is forgotten after this long.
+HOLDING_MEMORY_S = 1.0
 
 
 @dataclass(slots=True, eq=False)
@@ -213,6 +217,7 @@ class ModelScheduler:
         self.window_s = window_s
         self.gather_s = gather_s
         self.just_in_time = just_in_time
+        self._holding: dict[str, tuple[int, float]] = {}  # gateway -> (calls it holds, when it said so)
         self.static_sizes = tuple(sorted(static_sizes))
         self.cap = min(max_batch_size, self.static_sizes[-1]) if self.static_sizes else max_batch_size
         self._full_at = min(max(preferred), self.cap) if preferred else self.cap
@@ -267,6 +272,23 @@ class ModelScheduler:
             if req.arrived + wait + self.latency.expected(req.rows) >= req.deadline:
                 req.doomed = wait
         self._place(req, front=False)
+
+    def note_holding(self, gateway: str, calls: int, now: float) -> None:
+        """A gateway's latest count of the calls it holds waiting for replies (0: unknown)."""
+        if calls > 0:
+            self._holding[gateway] = (calls, now)
+        else:
+            self._holding.pop(gateway, None)
+
+    def _more_coming(self, now: float) -> bool:
+        """Whether gateways hold more calls than are queued here: requests exist that may join."""
+        held = 0
+        for gateway, (calls, at) in list(self._holding.items()):
+            if now - at > HOLDING_MEMORY_S:
+                del self._holding[gateway]
+            else:
+                held += calls
+        return held > self.live
 
     def speed(self) -> float:
         """Rows per second the pool gets through: as measured when it is saturated, and at least what
@@ -416,13 +438,15 @@ class ModelScheduler:
 
         While fewer than ``GATHER_ARRIVALS`` more requests are expected within ``gather_s``: until
         ``release_at``, when a worker is expected to be free to take it (the caller knows the pool;
-        -inf when one is idle), since waiting for a busy worker costs nothing.  Otherwise, or
-        without ``just_in_time``, ``gather_s``, as a fixed window.  Never so long that the most
-        urgent request would have to be rejected instead."""
+        -inf when one is idle), since waiting for a busy worker costs nothing.  Otherwise
+        ``gather_s``, as a fixed window; without ``just_in_time`` also at lower rates, whenever the
+        gateways hold more calls than are queued here (a lone call still leaves at once).  Never
+        so long that the most urgent request would have to be rejected instead."""
         if self.window_s is not None or not self.live:
             return 0.0
         oldest = self._fifo[0][1].arrived
-        if self.gather_s > 0 and (not self.just_in_time or self.rate * self.gather_s >= GATHER_ARRIVALS):
+        if self.gather_s > 0 and (self.rate * self.gather_s >= GATHER_ARRIVALS
+                                  or (not self.just_in_time and self._more_coming(oldest))):
             # Under load, the window alone, as a fixed window: holding for a busy worker on top
             # would leave its stream empty when it frees up (no next batch ready), and near
             # saturation that idle gap cost more than the bigger batch saved.

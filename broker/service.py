@@ -269,6 +269,7 @@ class Broker:
                     model.done.append(Entry(entry_id, 0, 0))
                     continue
                 g = parse_group(fields)
+                model.sched.note_holding(g.gateway, g.holding, now)
                 n = len(g.payloads)
                 entry = Entry(entry_id, n, n)
                 flat = g.members

@@ -139,15 +139,16 @@ def one_core_batching(env: dict[str, str], cpus: int | None = None) -> dict[str,
 
     On one core an idle worker is no sign of a free core: the just-in-time rule (a partial batch
     leaves at once for an idle worker) then sends one-request batches, each costing the core a
-    round of every process, which the gateway (the bottleneck) pays for. Gathering for gather_us
-    ran ~1.6x faster there (docs/scheduling.md). Only here is it known that the processes share
+    round of every process, which the gateway (the bottleneck) pays for. Gathering while other
+    calls wait ran 1.2-1.6x faster there (docs/scheduling.md). Only here is it known that the processes share
     the core: a broker alone on one core (a pod with an exclusive CPU) keeps just-in-time.
     An explicit FERRY_JUST_IN_TIME wins."""
     cpus = len(os.sched_getaffinity(0)) if cpus is None else cpus
     if cpus > 1 or "FERRY_JUST_IN_TIME" in env:
         return {}
-    print("ferry up: one CPU for every process: the broker gathers batches for gather_us at any load "
-          "(FERRY_JUST_IN_TIME=false; set FERRY_JUST_IN_TIME=true to keep just-in-time)", file=sys.stderr)
+    print("ferry up: one CPU for every process: the broker gathers batches for gather_us whenever other calls "
+          "are waiting (FERRY_JUST_IN_TIME=false; set FERRY_JUST_IN_TIME=true to keep just-in-time)",
+          file=sys.stderr)
     return {"FERRY_JUST_IN_TIME": "false"}
 
 

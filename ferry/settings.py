@@ -188,9 +188,9 @@ class BrokerSettings(CommonSettings):
     )
     just_in_time: bool = knob(
         True, "with batch_window=adaptive, below the gather rate a partial batch leaves at once for an idle "
-        "worker (lowest latency at light load); false: it always gathers up to gather_us first. `ferry up` "
-        "turns it off when its processes are confined to one CPU, where every early batch takes the core "
-        "from the gateway (pinned to one core, throughput ~1.6x; docs/scheduling.md)"
+        "worker (lowest latency at light load); false: only when the gateways hold no other call, else it "
+        "gathers up to gather_us. `ferry up` turns it off when its processes are confined to one CPU, where "
+        "every early batch takes the core from the gateway (docs/scheduling.md)"
     )
     pool_depth: int = knob(
         2, "batches per live worker a pool's stream may hold (one running, the next ready); the rest "

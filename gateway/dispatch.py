@@ -224,6 +224,7 @@ class Dispatcher:
         gw = self.settings.gateway_id
         commands: list[list[bytes | str | int]] = []
         admits: list[tuple[ModelVersion, list[Any]]] = []
+        holding = len(self._pending)
         for (mv, level, shape), queued in outbox.items():
             stream = keys.request_stream(mv.name, mv.version)
             counter = keys.queue_count(mv.name, mv.version)
@@ -233,7 +234,7 @@ class Dispatcher:
                     "EVALSHA", self._sha_enqueue, 2, stream, counter, len(group),
                     mv.settings.queue_policy.max_queue_size,
                 ]
-                for field, value in group_fields(gw, now_ns, level, shape, [q for q, _ in group]).items():
+                for field, value in group_fields(gw, now_ns, level, shape, [q for q, _ in group], holding).items():
                     command += (field, value)
                 commands.append(command)
                 admits.append((mv, [f for _, f in group]))

@@ -265,12 +265,27 @@ def test_adaptive_gathers_for_a_free_worker_only_when_arrivals_are_frequent() ->
     for i in range(20):
         off.add(_request(i, 1, (i // 5) * 0.001))
     assert off.hold_for(-math.inf) == 0.0
-    # Without just-in-time (all processes on one core) even a slow trickle gathers the window.
-    gathering = ModelScheduler("m", max_batch_size=32, gather_s=0.002, just_in_time=False,
-                               latency=_fixed(0.0, 0.001))
-    for i in range(20):
-        gathering.add(_request(i, 1, i * 0.010))
-    assert gathering.hold_for(-math.inf) == pytest.approx(0.002)
+
+def test_without_just_in_time_a_slow_trickle_gathers_while_the_gateways_hold_more_calls() -> None:
+    """All processes on one core: an idle worker is no sign of a free core, so a partial batch
+    waits for the calls the gateways hold; a lone call, with nothing to wait for, leaves at once."""
+    s = ModelScheduler("m", max_batch_size=32, gather_s=0.002, just_in_time=False, latency=_fixed(0.0, 0.001))
+    s.note_holding("gw", 1, 0.0)
+    s.add(_request(0, 1, 0.0))  # 1 call held, 1 queued: nobody else exists
+    assert s.hold_for(-math.inf) == 0.0
+    s.note_holding("gw", 4, 0.010)  # the gateway now holds 4 calls, 1 of them queued here
+    assert s.hold_for(-math.inf) == pytest.approx(0.002)
+    s.note_holding("other", 3, 0.010)
+    s.note_holding("gw", 0, 0.011)  # 0: this gateway stopped saying
+    assert s.hold_for(-math.inf) == pytest.approx(0.002)  # the other gateway's 3 calls still count
+    s.take(0.5, drain=True)
+    s.add(_request(1, 1, 2.0))  # more than HOLDING_MEMORY_S later: the counts are stale
+    assert s.hold_for(-math.inf) == 0.0
+    # With just-in-time (the default) the counts change nothing.
+    j = ModelScheduler("m", max_batch_size=32, gather_s=0.002, latency=_fixed(0.0, 0.001))
+    j.note_holding("gw", 10, 0.0)
+    j.add(_request(0, 1, 0.0))
+    assert j.hold_for(-math.inf) == 0.0
 
 
 def test_a_request_behind_a_queue_it_cannot_outwait_is_rejected_on_arrival() -> None:
