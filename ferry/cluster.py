@@ -134,6 +134,17 @@ def wait_ready(address: str, timeout_s: float) -> bool:
     return False
 
 
+def default_gateways(cpus: int | None = None) -> int:
+    """Gateways `ferry up` starts unless told: one per 4 CPUs it may use, 1 to 8.
+
+    The gateway is the busiest process (about a core at its peak, two thirds of Ferry's CPU per
+    request) and the others (broker, worker, Redis, and a load generator on the same box) need
+    cores too. Measured on 16 cores: 6,078/s with one gateway, 16,254/s with four, 20,304/s with
+    eight (docs/benchmarks.md); on 2 to 7 CPUs this is 1, as before."""
+    cpus = len(os.sched_getaffinity(0)) if cpus is None else cpus
+    return max(1, min(8, cpus // 4))
+
+
 def one_core_batching(env: dict[str, str], cpus: int | None = None) -> dict[str, str]:
     """The broker's batching override when every process `ferry up` starts shares one CPU.
 
@@ -153,7 +164,8 @@ def one_core_batching(env: dict[str, str], cpus: int | None = None) -> dict[str,
 
 
 def up(model_repository: Path | None, grpc_port: int, workers: int, host: str, redis_url: str | None,
-       gateways: int = 1) -> int:
+       gateways: int | None = None) -> int:
+    gateways = default_gateways() if gateways is None else gateways
     if gateways < 1 or workers < 0:
         raise ConfigError("--gateways must be >= 1 and --workers >= 0")
     if model_repository is None:

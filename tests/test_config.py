@@ -264,6 +264,12 @@ def test_configuration_docs_are_current() -> None:
     assert proc.returncode == 0, proc.stderr
 
 
+def test_ferry_up_starts_a_gateway_per_four_cpus() -> None:
+    code = "from ferry.cluster import default_gateways; print([default_gateways(c) for c in (1, 2, 7, 8, 16, 64)])"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert proc.stdout.strip() == "[1, 1, 1, 2, 4, 8]"
+
+
 def test_ferry_up_gathers_batches_when_every_process_shares_one_cpu() -> None:
     code = """
 import json
