@@ -190,7 +190,7 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--workers", type=int, default=1, help="CPU workers to start (default 1)")
     up.add_argument("--gateways", type=int, default=None,
                     help="gateway processes sharing the gRPC port (SO_REUSEPORT): one uses about a core "
-                    "(default: one per 4 CPUs this process may use, 1 to 8)")
+                    "(default: one per 4 CPUs this process may use, counting a container's CPU quota; 1 to 8)")
     up.add_argument("--redis-url", default=None,
                     help="use this Redis instead of starting one [env REDIS_URL / FERRY_REDIS_URL]")
     inf = sub.add_parser("infer", help="send one request with random inputs and print the result")

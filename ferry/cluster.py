@@ -10,6 +10,7 @@ an order that loses nothing: gateway first (stop intake), then the broker
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import signal
@@ -141,8 +142,18 @@ def default_gateways(cpus: int | None = None) -> int:
     request) and the others (broker, worker, Redis, and a load generator on the same box) need
     cores too. Measured on 16 cores: 6,078/s with one gateway, 16,254/s with four, 20,304/s with
     eight (docs/benchmarks.md); on 2 to 7 CPUs this is 1, as before."""
-    cpus = len(os.sched_getaffinity(0)) if cpus is None else cpus
+    cpus = usable_cpus() if cpus is None else cpus
     return max(1, min(8, cpus // 4))
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on, capped by a cgroup v2 CPU quota (a container's --cpus)."""
+    cpus = len(os.sched_getaffinity(0))
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    return cpus
 
 
 def one_core_batching(env: dict[str, str], cpus: int | None = None) -> dict[str, str]:
@@ -154,7 +165,7 @@ def one_core_batching(env: dict[str, str], cpus: int | None = None) -> dict[str,
     calls wait ran 1.2-1.6x faster there (docs/scheduling.md). Only here is it known that the processes share
     the core: a broker alone on one core (a pod with an exclusive CPU) keeps just-in-time.
     An explicit FERRY_JUST_IN_TIME wins."""
-    cpus = len(os.sched_getaffinity(0)) if cpus is None else cpus
+    cpus = usable_cpus() if cpus is None else cpus
     if cpus > 1 or "FERRY_JUST_IN_TIME" in env:
         return {}
     print("ferry up: one CPU for every process: the broker gathers batches for gather_us whenever other calls "
