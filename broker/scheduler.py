@@ -126,6 +126,10 @@ QUEUED, TAKEN, DROPPED = 0, 1, 2
 # An adaptive batch waits its gather window for an idle worker only when at least this many
 # more requests are expected within it: at lower rates nobody waits for nothing.
 GATHER_ARRIVALS = 2.0
+# A request is hopeless once it would finish within this margin of its deadline. The check time
+# (deadline - expected) and the test (now + expected >= deadline) round differently in floating
+# point; with no margin a request could sit queued one ulp past hopeless (a property test found it).
+HOPELESS_MARGIN_S = 1e-9
 # A gateway's count of the calls it holds (its latest group's) is forgotten after this long.
 HOLDING_MEMORY_S = 1.0
 
@@ -343,7 +347,7 @@ class ModelScheduler:
     def _check_time(self, req: Request) -> float:
         if req.doomed:
             return req.arrived
-        when = req.deadline - self.latency.expected(req.rows)
+        when = req.deadline - self.latency.expected(req.rows) - HOPELESS_MARGIN_S
         return when if req.delayed else min(when, req.timeout_at)
 
     def _leave(self, req: Request, state: int) -> None:
@@ -383,7 +387,7 @@ class ModelScheduler:
                     f"it need about {req.doomed * 1000:.1f} ms ({(req.deadline - now) * 1000:.1f} ms left); "
                     "retry later or elsewhere, or add workers to this model's pool")))
                 self._leave(req, DROPPED)
-            elif now + need >= req.deadline:
+            elif now + need >= req.deadline - HOPELESS_MARGIN_S:
                 left = max(0.0, req.deadline - now) * 1000
                 out.append(Rejection(req, (
                     f"{self.label}: request cannot finish before its deadline ({left:.1f} ms left, "
@@ -474,10 +478,14 @@ class ModelScheduler:
             self._fill(batch, start, now)
             if self.static_sizes:
                 self._fit_static(batch)
+        # A level that got a member into this batch (its start, or filled in from below) was not
+        # passed over; counting it as skipped let it start the next batch out of turn.
+        served = {r.level for r in batch}
         for lv_index, lv in enumerate(self._levels):
-            if lv_index > start and lv.live:
+            if lv_index in served:
+                lv.skips = 0
+            elif lv_index > start and lv.live:
                 lv.skips += 1
-        self._levels[start].skips = 0
         for r in batch:
             self._leave(r, TAKEN)
         return batch

@@ -338,3 +338,17 @@ def test_one_batch_that_waited_out_an_outage_does_not_make_the_pool_look_slow() 
         lat.observe(8, 0.001)
         lat.observe_overhead(0.05)
     assert lat.overhead == pytest.approx(0.05, rel=0.05)
+
+
+def test_a_level_filled_into_a_batch_is_not_counted_as_skipped() -> None:
+    """Found by the property test above: a level-2 request that rode along in a level-0 batch left
+    level 2 counted as passed over, and with starvation_limit 1 it then started the next batch
+    ahead of a waiting level 0."""
+    s = ModelScheduler("m", max_batch_size=5, levels=3, starvation_limit=1, latency=_fixed(0.002, 0.002))
+    for i in range(4):
+        s.add(_request(i, 1, 0.0, level=0))
+    s.add(_request(4, 1, 0.0, level=2))
+    assert [r.level for r in s.take(0.0)] == [0, 0, 0, 0, 2]
+    s.add(_request(5, 1, 0.0, level=0))
+    s.add(_request(6, 1, 0.0, level=2))
+    assert [r.level for r in s.take(0.0)] == [0, 2]
