@@ -15,7 +15,8 @@ whose tensors cannot be concatenated never share a batch), so order is FIFO
 within a level and shape.
 
 Anti-starvation.  Each time a batch starts from a higher level, every
-non-empty lower level counts one skip; a level with ``starvation_limit``
+non-empty lower level that got nothing into it counts one skip (one that
+did is back at zero); a level with ``starvation_limit``
 skips starts the next batch.  So a level with waiting requests is passed
 over at most ``starvation_limit + levels - 1`` batches in a row.
 
