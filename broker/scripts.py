@@ -91,6 +91,15 @@ def push_reply_commands(replies: Iterable[tuple[str, bytes]]) -> list[list[bytes
     ]
 
 
+def settle_entries(stream: str, ids: list[bytes]) -> list[list[bytes | str | int]]:
+    """Take finished (or moved) batch entries off a pool stream: delete, then acknowledge. In that
+    order because a failover can keep the first of the two writes and lose the second (asynchronous
+    replication): a deleted entry still pending is cleaned up by the next claim (XCLAIM drops it
+    from the pending list); an acknowledged entry still in the stream would be delivered to nobody
+    and stay forever. Workers settle what they ran; the broker what it moved off a dead pool."""
+    return [["XDEL", stream, *ids], ["XACK", stream, keys.WORKER_GROUP, *ids]]
+
+
 async def load_all(client: Any) -> None:
     """SCRIPT LOAD every script (again after a Redis restart answered NOSCRIPT)."""
     for script in ALL:

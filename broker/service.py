@@ -630,7 +630,7 @@ class Broker:
                 if model.unserved_since is None:
                     model.unserved_since = now
                 continue
-            commands += [["XACK", pool.stream, keys.WORKER_GROUP, entry_id], ["XDEL", pool.stream, entry_id]]
+            commands += scripts.settle_entries(pool.stream, [entry_id])
             pool.unfinished.pop(entry_id, None)
         commands += scripts.push_reply_commands(failed)
         if not commands:

@@ -135,14 +135,13 @@ def wait_ready(address: str, timeout_s: float) -> bool:
     return False
 
 
-def default_gateways(cpus: int | None = None) -> int:
+def default_gateways(cpus: int) -> int:
     """Gateways `ferry up` starts unless told: one per 4 CPUs it may use, 1 to 8.
 
     The gateway is the busiest process (about a core at its peak, two thirds of Ferry's CPU per
     request) and the others (broker, worker, Redis, and a load generator on the same box) need
     cores too. Measured on 16 cores: 6,078/s with one gateway, 16,254/s with four, 20,304/s with
     eight (docs/benchmarks.md); on 2 to 7 CPUs this is 1, as before."""
-    cpus = usable_cpus() if cpus is None else cpus
     return max(1, min(8, cpus // 4))
 
 
@@ -156,7 +155,7 @@ def usable_cpus() -> int:
     return cpus
 
 
-def one_core_batching(env: dict[str, str], cpus: int | None = None) -> dict[str, str]:
+def one_core_batching(env: dict[str, str], cpus: int) -> dict[str, str]:
     """The broker's batching override when every process `ferry up` starts shares one CPU.
 
     On one core an idle worker is no sign of a free core: the just-in-time rule (a partial batch
@@ -165,7 +164,6 @@ def one_core_batching(env: dict[str, str], cpus: int | None = None) -> dict[str,
     calls wait ran 1.2-1.6x faster there (docs/scheduling.md). Only here is it known that the processes share
     the core: a broker alone on one core (a pod with an exclusive CPU) keeps just-in-time.
     An explicit FERRY_JUST_IN_TIME wins."""
-    cpus = usable_cpus() if cpus is None else cpus
     if cpus > 1 or "FERRY_JUST_IN_TIME" in env:
         return {}
     print("ferry up: one CPU for every process: the broker gathers batches for gather_us whenever other calls "
@@ -176,7 +174,8 @@ def one_core_batching(env: dict[str, str], cpus: int | None = None) -> dict[str,
 
 def up(model_repository: Path | None, grpc_port: int, workers: int, host: str, redis_url: str | None,
        gateways: int | None = None) -> int:
-    gateways = default_gateways() if gateways is None else gateways
+    cpus = usable_cpus()
+    gateways = default_gateways(cpus) if gateways is None else gateways
     if gateways < 1 or workers < 0:
         raise ConfigError("--gateways must be >= 1 and --workers >= 0")
     if model_repository is None:
@@ -193,7 +192,7 @@ def up(model_repository: Path | None, grpc_port: int, workers: int, host: str, r
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     env["FERRY_REDIS_URL"] = redis_url
     env["FERRY_MODEL_REPOSITORY"] = str(model_repository)
-    broker_env = env | one_core_batching(env)
+    broker_env = env | one_core_batching(env, cpus)
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
     stopping = False
     grpc_port = grpc_port or free_port()

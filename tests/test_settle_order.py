@@ -9,9 +9,9 @@ import pytest
 
 from broker import keys
 from broker.reclaim import claim_forgotten
+from broker.scripts import settle_entries
 from ferry.cluster import start_redis
 from ferry.resp import RespClient
-from workers.recovery import settle_entries
 
 
 @pytest.mark.parametrize("kept", [0, 1, 2], ids=["both-lost", "first-kept", "both-kept"])

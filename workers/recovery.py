@@ -80,16 +80,9 @@ def triage(claimed: list[Claimed], pool: str, max_attempts: int) -> Triage:
             out.run.append(c)
             continue
         out.commands += [
-            *settle_entries(stream, [c.entry_id]),
+            *scripts.settle_entries(stream, [c.entry_id]),
             # Frees the old entry's room in the broker that sent it (rows 0: nothing was learned).
             ["PUBLISH", keys.done_channel(pool), done_notice(model, version, 0, 0, [c.entry_id])],
         ]
     return out
 
-
-def settle_entries(stream: str, ids: list[bytes]) -> list[list[bytes | str | int]]:
-    """Delete finished batch entries, then acknowledge them: in that order because a failover can
-    keep the first of the two writes and lose the second (asynchronous replication). A deleted
-    entry still pending is cleaned up by the next claim (XCLAIM drops it from the pending list); an
-    acknowledged entry still in the stream would be delivered to nobody and stay forever."""
-    return [["XDEL", stream, *ids], ["XACK", stream, keys.WORKER_GROUP, *ids]]

@@ -2,7 +2,7 @@
 
 The main loop claims batches and runs them (on the event loop by default: a
 thread hand-off per batch costs more than it overlaps), then writes each
-batch's replies and its acknowledgement (XACK + XDEL) to the socket at once,
+batch's replies and its acknowledgement (XDEL + XACK) to the socket at once,
 in one pipeline, replies first.  (The pipeline is not a transaction: if Redis
 refuses a reply but accepts the acknowledgement, at maxmemory, that reply is
 lost and its caller gets DEADLINE_EXCEEDED; see docs/reliability.md.)
@@ -61,7 +61,7 @@ from ferry.resp_cluster import data_client
 from ferry.settings import WorkerSettings
 from ferry.tracing import Tracing
 from workers.batch import BatchResult, BatchRunner
-from workers.recovery import settle_entries, triage
+from workers.recovery import triage
 from workers.runtime import load_runtime
 
 log = logging.getLogger("ferry.worker")
@@ -238,7 +238,7 @@ class Worker:
     def _reply_commands(self, ids: list[bytes], result: BatchResult) -> list[list[bytes | str | int]]:
         """Replies first (one bundle per gateway), then the batch entries deleted and acknowledged."""
         commands = scripts.push_reply_commands(result.replies)
-        commands += settle_entries(self.stream, ids)
+        commands += scripts.settle_entries(self.stream, ids)
         return commands
 
     async def _writer(self) -> None:
