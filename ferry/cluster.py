@@ -112,6 +112,27 @@ def start_redis(
     return RedisServer(proc, url, workdir)
 
 
+EDGE_BUILD = Path(__file__).resolve().parent.parent / ".cache" / "edge" / "ferry-edge"
+
+
+def edge_binary() -> str:
+    """The native edge (gateway/edge): $FERRY_EDGE_BINARY, else scripts/build-edge's output, else PATH."""
+    wanted = os.environ.get("FERRY_EDGE_BINARY")
+    if wanted:
+        if not os.access(wanted, os.X_OK):
+            raise ConfigError(f"FERRY_EDGE_BINARY={wanted} is not an executable file")
+        return wanted
+    if os.access(EDGE_BUILD, os.X_OK):
+        return str(EDGE_BUILD)
+    found = shutil.which("ferry-edge")
+    if found:
+        return found
+    raise ConfigError(
+        "the native edge is not built: run scripts/build-edge (needs Go 1.19+ and grpc-go; Debian/Ubuntu: "
+        "`apt-get install golang-go golang-google-grpc-dev`), or set FERRY_EDGE_BINARY"
+    )
+
+
 def _spawn(role: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     # Own session: a terminal's Ctrl-C reaches only `ferry up`, which then stops the
     # children one tier at a time; a signal to all at once would cut their drain short.

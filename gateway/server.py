@@ -16,7 +16,7 @@ from ferry.errors import ConfigError
 from ferry.repository import Repository
 from ferry.settings import GatewaySettings
 from ferry.tracing import Tracing
-from gateway import security
+from gateway import edge_api, security
 from gateway.dispatch import Dispatcher
 from gateway.service import InferenceService, method_handlers
 from protos import grpc_service_pb2 as pb
@@ -56,9 +56,10 @@ async def serve(
         # gRPC turns SO_REUSEPORT on by default: a forgotten gateway would then silently share the port.
         ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
     ])
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(SERVICE_NAME, method_handlers(service)),)
-    )
+    server.add_generic_rpc_handlers((
+        grpc.method_handlers_generic_handler(SERVICE_NAME, method_handlers(service)),
+        grpc.method_handlers_generic_handler(edge_api.SERVICE, edge_api.method_handlers(service)),
+    ))
     health_servicer = health_aio.HealthServicer()
     _mirror_readiness(service, health_servicer)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

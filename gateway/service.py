@@ -50,7 +50,7 @@ class InferenceService:
         self.validators = {mv.key: RequestValidator(mv, limits) for mv in repo.all_versions()}
         self._labels = {mv.key: (mv.name, str(mv.version)) for mv in repo.all_versions()}
 
-    def _model(self, name: str, version: str = "") -> ModelVersion:
+    def resolve(self, name: str, version: str = "") -> ModelVersion:
         """The model version a request names, if the caller's token may use it (security.require_model)."""
         require_model(name)
         return self.repo.get(name, version)
@@ -71,14 +71,14 @@ class InferenceService:
         return all(workers_for(mv) for mv in self.repo.all_versions())
 
     async def model_ready(self, request: Any, context: Any) -> Any:
-        mv = self._model(request.name, request.version)
+        mv = self.resolve(request.name, request.version)
         return pb.ModelReadyResponse(ready=self.live.workers_for(mv) > 0)
 
     async def server_metadata(self, request: Any, context: Any) -> Any:
         return pb.ServerMetadataResponse(name="ferry", version=ferry.__version__, extensions=EXTENSIONS)
 
     async def model_metadata(self, request: Any, context: Any) -> Any:
-        mv = self._model(request.name, request.version)
+        mv = self.resolve(request.name, request.version)
         s = mv.settings
         batch = [-1] if s.max_batch_size > 0 else []
 
@@ -95,15 +95,15 @@ class InferenceService:
         )
 
     async def model_config(self, request: Any, context: Any) -> Any:
-        mv = self._model(request.name, request.version)
+        mv = self.resolve(request.name, request.version)
         return pb.ModelConfigResponse(config=mv.settings.config)
 
     async def model_statistics(self, request: Any, context: Any) -> Any:
         if request.name:
             if request.version:
-                versions = [self._model(request.name, request.version)]
+                versions = [self.resolve(request.name, request.version)]
             else:
-                self._model(request.name)  # NOT_FOUND for unknown names
+                self.resolve(request.name)  # NOT_FOUND for unknown names
                 versions = self.repo.versions(request.name)
         elif request.version:
             raise InvalidArgument("a version needs a model name")
@@ -149,7 +149,7 @@ class InferenceService:
             req = pb.ModelInferRequest.FromString(raw)
         except Exception:
             raise InvalidArgument("request is not a valid ModelInferRequest message") from None
-        mv: ModelVersion = self._model(req.model_name, req.model_version)
+        mv: ModelVersion = self.resolve(req.model_name, req.model_version)
         started = time.perf_counter_ns()
         status = "INTERNAL"
         span = None

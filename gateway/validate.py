@@ -25,6 +25,9 @@ from ferry.errors import InvalidArgument
 from ferry.model_config import TensorSpec, bucket_dims
 from ferry.repository import ModelVersion
 
+# The request parameters the gateway reads; it ignores any other (the edge relies on it).
+SCHEDULING_PARAMETERS = ("priority", "timeout")
+
 
 @dataclass(frozen=True, slots=True)
 class Limits:
@@ -82,7 +85,7 @@ class RequestValidator:
         return Admission(rows, self._level(req), self._shape_key(req), self._queue_timeout(req))
 
     def _level(self, req: Any) -> int:
-        priority = _int_param(req, "priority")
+        priority = _int_param(req, SCHEDULING_PARAMETERS[0])
         if not self.levels:
             return 0
         if not priority:
@@ -95,7 +98,7 @@ class RequestValidator:
         return priority - 1
 
     def _queue_timeout(self, req: Any) -> int:
-        asked = _int_param(req, "timeout")
+        asked = _int_param(req, SCHEDULING_PARAMETERS[1])
         default = self.policy.default_timeout_us
         if not asked or not self.policy.allow_timeout_override:
             return default

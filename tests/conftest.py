@@ -21,7 +21,8 @@ import pytest
 import redis
 import tritonclient.grpc as tc
 
-from ferry.cluster import RedisServer, free_port, start_redis
+from ferry.cluster import RedisServer, edge_binary, free_port, start_redis
+from ferry.errors import ConfigError
 from tests.models import full_repository
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,7 +36,8 @@ class Cluster:
     def __init__(self, repo: Path, logdir: Path, *, workers: int = 1, gateway_args: tuple[str, ...] = (),
                  broker_args: tuple[str, ...] = (), worker_args: tuple[tuple[str, ...], ...] = (),
                  client_args: dict[str, Any] | None = None, headers: dict[str, str] | None = None,
-                 role_env: dict[str, dict[str, str]] | None = None, redis: RedisServer | None = None) -> None:
+                 role_env: dict[str, dict[str, str]] | None = None, redis: RedisServer | None = None,
+                 edge: bool = False) -> None:
         self.repo = repo
         self.role_env = role_env or {}  # extra environment per role, e.g. each its own Redis user
         # How a client reaches this gateway (TLS files for tritonclient) and the metadata it sends.
@@ -55,7 +57,19 @@ class Cluster:
         for args in worker_args:  # one more worker for each, e.g. ("--pool", "gpu")
             self.spawn("worker", *args)
         self.spawn("gateway", "--grpc-port", str(self.port), "--host", "127.0.0.1", *gateway_args)
+        if edge:  # the native edge in front: clients reach the gateway through it
+            self.gateway_url = self.url
+            self.port = free_port()
+            self.url = f"127.0.0.1:{self.port}"
+            self.spawn_edge()
         self.wait_ready()
+
+    def spawn_edge(self, *args: str) -> subprocess.Popen[bytes]:
+        log = open(self.logdir / f"edge-{len(self.procs)}.log", "wb")
+        proc = subprocess.Popen([edge_binary(), "--listen", self.url, "--upstream", self.gateway_url, *args],
+                                env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.procs.append(("edge", proc))
+        return proc
 
     def spawn(self, role: str, *args: str) -> subprocess.Popen[bytes]:
         log = open(self.logdir / f"{role}-{len(self.procs)}.log", "wb")
@@ -111,7 +125,7 @@ class Cluster:
 
     def stop(self) -> dict[str, list[int]]:
         """Graceful stop in the order ``ferry up`` uses; returns exit codes by role."""
-        codes = {role: self.stop_role(role) for role in ("gateway", "broker", "worker")}
+        codes = {role: self.stop_role(role) for role in ("edge", "gateway", "broker", "worker")}
         return codes
 
     def stop_ok(self) -> None:
@@ -147,6 +161,14 @@ class Cluster:
                 p.kill()
                 p.wait()
         self.redis.stop()
+
+
+def require_edge() -> None:
+    """Skip unless the native edge is built (scripts/test builds it, so CI runs these tests)."""
+    try:
+        edge_binary()
+    except ConfigError as exc:
+        pytest.skip(exc.message)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,188 @@
+// Command ferry-edge is Ferry's native front end: a Go gRPC server that takes the
+// inference calls a Python gateway would take (KServe v2 ModelInfer and
+// ModelStreamInfer), queues the ones that pass admission on Redis itself, and relays
+// everything else to a Python gateway beside it (docs/edge.md).
+//
+// Why: grpc.aio costs ~215 us of CPU per call before Ferry does any work, two thirds
+// of Ferry's whole per-request cost (docs/benchmarks.md); grpc-go serves a call for a
+// fraction of that. The edge speaks the same Redis contract as gateway/dispatch.py and
+// learns keys, scripts and model rules from the gateway (gateway/edge_api.py), so the
+// broker and workers cannot tell the two apart.
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"flag"
+	"fmt"
+	"log"
+	"net"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/keepalive"
+)
+
+// config is the edge's settings: flags, each with an environment fallback, validated once.
+type config struct {
+	listen    string
+	upstream  string
+	redisURL  string
+	gatewayID string
+	reusePort bool
+	grace     time.Duration
+	startWait time.Duration
+}
+
+func env(name, fallback string) string {
+	if v, ok := os.LookupEnv(name); ok {
+		return v
+	}
+	return fallback
+}
+
+func parseConfig(args []string) (config, redisTarget, error) {
+	fs := flag.NewFlagSet("ferry-edge", flag.ContinueOnError)
+	c := config{}
+	fs.StringVar(&c.listen, "listen", env("FERRY_EDGE_LISTEN", "0.0.0.0:8001"),
+		"host:port clients connect to [FERRY_EDGE_LISTEN]")
+	fs.StringVar(&c.upstream, "upstream", env("FERRY_EDGE_UPSTREAM", "127.0.0.1:8011"),
+		"host:port of the Python gateway that answers everything the edge does not [FERRY_EDGE_UPSTREAM]")
+	fs.StringVar(&c.redisURL, "redis-url", env("FERRY_REDIS_URL", env("REDIS_URL", "redis://127.0.0.1:6379/0")),
+		"Redis the broker reads (redis:// or unix://) [FERRY_REDIS_URL, REDIS_URL]")
+	fs.StringVar(&c.gatewayID, "gateway-id", env("FERRY_EDGE_GATEWAY_ID", ""),
+		"unique id of this edge in Redis (default: edge-<host>-<pid>-<random>) [FERRY_EDGE_GATEWAY_ID]")
+	reuse := env("FERRY_EDGE_REUSE_PORT", "false")
+	fs.BoolVar(&c.reusePort, "reuse-port", reuse == "1" || reuse == "true",
+		"share the listen port with other edges on this host (SO_REUSEPORT) [FERRY_EDGE_REUSE_PORT]")
+	fs.DurationVar(&c.grace, "grace", 30*time.Second, "on SIGTERM, how long calls in flight may take to finish")
+	fs.DurationVar(&c.startWait, "start-wait", 60*time.Second, "how long to wait for the gateway at start")
+	if err := fs.Parse(args); err != nil {
+		return c, redisTarget{}, err
+	}
+	if fs.NArg() > 0 {
+		return c, redisTarget{}, fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	for name, v := range map[string]string{"listen": c.listen, "upstream": c.upstream} {
+		if _, _, err := net.SplitHostPort(v); err != nil {
+			return c, redisTarget{}, fmt.Errorf("--%s %q is not host:port", name, v)
+		}
+	}
+	if c.grace < 0 || c.startWait <= 0 {
+		return c, redisTarget{}, errors.New("--grace must be >= 0 and --start-wait > 0")
+	}
+	target, err := parseRedisURL(c.redisURL)
+	if err != nil {
+		return c, target, err
+	}
+	if c.gatewayID == "" {
+		host, _ := os.Hostname()
+		b := make([]byte, 3)
+		rand.Read(b)
+		c.gatewayID = fmt.Sprintf("edge-%s-%d-%s", host, os.Getpid(), hex.EncodeToString(b))
+	}
+	return c, target, nil
+}
+
+func listen(address string, reuse bool) (net.Listener, error) {
+	lc := net.ListenConfig{}
+	if reuse {
+		lc.Control = func(_, _ string, rc syscall.RawConn) error {
+			var serr error
+			err := rc.Control(func(fd uintptr) {
+				serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, 0xf /* SO_REUSEPORT */, 1)
+			})
+			if err != nil {
+				return err
+			}
+			return serr
+		}
+	}
+	return lc.Listen(context.Background(), "tcp", address)
+}
+
+func main() {
+	log.SetFlags(log.LstdFlags | log.Lmicroseconds)
+	log.SetPrefix("ferry-edge: ")
+	cfg, target, err := parseConfig(os.Args[1:])
+	if err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			os.Exit(0)
+		}
+		fmt.Fprintf(os.Stderr, "ferry-edge: error: %v\n", err)
+		os.Exit(2)
+	}
+	// Bind first: an edge that cannot serve must not announce itself in Redis.
+	lis, err := listen(cfg.listen, cfg.reusePort)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "ferry-edge: error: cannot listen on %s (%v): pick another --listen, or start "+
+			"every edge sharing it with --reuse-port\n", cfg.listen, err)
+		os.Exit(2)
+	}
+	up, err := grpc.Dial(cfg.upstream, grpc.WithInsecure(),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(1<<30), grpc.MaxCallSendMsgSize(1<<30)))
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "ferry-edge: error: gateway %s: %v\n", cfg.upstream, err)
+		os.Exit(2)
+	}
+	h, err := fetchHello(up, cfg.gatewayID, cfg.startWait)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "ferry-edge: error: the gateway at %s did not describe itself (%v): start "+
+			"`ferry gateway` there first, of the same Ferry version\n", cfg.upstream, err)
+		os.Exit(2)
+	}
+	if h.Protocol != protocol {
+		fmt.Fprintf(os.Stderr, "ferry-edge: error: the gateway at %s speaks edge protocol %d, this edge %d: "+
+			"build the edge from the same Ferry checkout (scripts/build-edge)\n", cfg.upstream, h.Protocol, protocol)
+		os.Exit(2)
+	}
+	d := newDispatcher(h, cfg.gatewayID, target)
+	if err := d.start(); err != nil {
+		fmt.Fprintf(os.Stderr, "ferry-edge: error: %v\n", err)
+		os.Exit(1)
+	}
+	e := &edge{h: h, up: up, specs: newSpecs(up, time.Duration(h.SpecTTLs*float64(time.Second))), d: d}
+	srv := grpc.NewServer(
+		grpc.CustomCodec(rawCodec{}),
+		grpc.UnknownServiceHandler(e.handle),
+		grpc.MaxRecvMsgSize(h.MaxMessageBytes),
+		grpc.MaxSendMsgSize(h.MaxMessageBytes),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
+	)
+	mode := "takes inference calls itself"
+	if h.ForwardAll != "" {
+		mode = "relays every call (" + h.ForwardAll + ")"
+	}
+	log.Printf("edge %s listening on %s, gateway %s, redis %s: %s", cfg.gatewayID, lis.Addr(), cfg.upstream,
+		target.display, mode)
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(lis) }()
+
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
+	select {
+	case err := <-served:
+		log.Printf("serving stopped: %v", err)
+	case sig := <-sigs:
+		log.Printf("%s: draining (send again to exit at once)", strings.ToUpper(sig.String()))
+		stopped := make(chan struct{})
+		go func() { srv.GracefulStop(); close(stopped) }()
+		select {
+		case <-stopped:
+		case <-time.After(cfg.grace):
+			srv.Stop()
+		case <-sigs:
+			log.Printf("signal again: exiting now")
+			os.Exit(130)
+		}
+	}
+	d.close()
+	up.Close()
+	log.Printf("edge %s stopped: %s", cfg.gatewayID, e.summary())
+}

@@ -1,0 +1,110 @@
+"""The native edge (gateway/edge) in front of a gateway: clients must not tell the difference.
+
+Every test of test_infer and test_errors runs again here, through the edge: the same
+outputs bit for bit, the same statuses and messages (the edge relays what it does not
+take, so invalid requests get the gateway's own answer). The tests below check what is
+the edge's own: that it does take the simple calls, how it starts, stops and fails.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+from tritonclient.utils import InferenceServerException
+
+from ferry.cluster import edge_binary, free_port
+from tests.conftest import Cluster, require_edge
+from tests.test_errors import *  # noqa: F403  (rerun here, through the edge)
+from tests.test_infer import *  # noqa: F403
+
+
+@pytest.fixture(scope="module")
+def cluster(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    require_edge()
+    c = Cluster(repo, tmp_path_factory.mktemp("logs"), gateway_args=("--max-message-bytes", "1048576"), edge=True)
+    try:
+        yield c
+        c.stop_cleanly()
+        # The reruns must have gone through the edge's own path, not only its relay.
+        taken = re.search(r"stopped: took (\d+) inference calls", _edge_log(c))
+        assert taken and int(taken.group(1)) >= 96, c.logs()  # test_concurrent_requests_form_batches alone sends 96
+    finally:
+        c.close()
+
+
+@pytest.fixture
+def own(repo: Path, tmp_path: Path) -> Iterator[Cluster]:
+    """A cluster of this test's own, for checks that need its logs or its stop."""
+    require_edge()
+    c = Cluster(repo, tmp_path, edge=True)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def _mlp(rows: int = 1) -> tc.InferInput:
+    x = tc.InferInput("INPUT0", [rows, 256], "FP32")
+    x.set_data_from_numpy(np.ones((rows, 256), np.float32))
+    return x
+
+
+def _edge_log(c: Cluster) -> str:
+    return "".join(p.read_text(errors="replace") for p in sorted(c.logdir.glob("edge-*.log")))
+
+
+def test_the_edge_takes_plain_calls_and_relays_the_rest(own: Cluster) -> None:
+    client = own.client()
+    with ThreadPoolExecutor(8) as pool:
+        outs = list(pool.map(lambda _: own.client().infer("mlp", [_mlp()]).as_numpy("OUTPUT0"), range(40)))
+    assert all(o.shape == (1, 10) for o in outs)
+    # A scheduling parameter the gateway reads: relayed, and served all the same.
+    assert client.infer("mlp", [_mlp()], priority=1).as_numpy("OUTPUT0").shape == (1, 10)
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("nonexistent", [_mlp()])
+    assert info.value.status() == "StatusCode.NOT_FOUND"
+    own.stop_cleanly()
+    summary = re.search(r"stopped: took (\d+) inference calls(.*)", _edge_log(own))
+    assert summary, own.logs()
+    assert int(summary.group(1)) == 40, summary.group(0)
+    assert "relayed 1 for request parameter priority" in summary.group(2), summary.group(0)
+
+
+def test_the_edge_holds_calls_across_its_graceful_stop(own: Cluster) -> None:
+    """SIGTERM drains: calls in flight are answered, then the edge leaves no key behind."""
+    with ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(lambda: own.client().infer("slow", [_slow_input()]).as_numpy("y")) for _ in range(16)]
+        time.sleep(0.2)  # not synchronisation: the calls are checked below whatever their timing
+        assert own.stop_role("edge") == [0]
+        done = [f.result(timeout=30) for f in futures]
+    assert all(d.shape == (1,) for d in done)
+    own.stop_cleanly()
+
+
+def _slow_input() -> tc.InferInput:
+    x = tc.InferInput("x", [1], "FP32")
+    x.set_data_from_numpy(np.ones(1, np.float32))
+    return x
+
+
+def _edge(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    require_edge()
+    return subprocess.run([edge_binary(), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_edge_refuses_what_it_cannot_serve_with_the_fix() -> None:
+    bad = _edge("--redis-url", "redis+sentinel://h:26379/mymaster", "--listen", f"127.0.0.1:{free_port()}")
+    assert bad.returncode == 2 and "Sentinel" in bad.stderr and "without the edge" in bad.stderr
+    taken = free_port()
+    gone = _edge("--listen", f"127.0.0.1:{free_port()}", "--upstream", f"127.0.0.1:{taken}", "--start-wait", "1s")
+    assert gone.returncode == 2 and "did not describe itself" in gone.stderr and "ferry gateway" in gone.stderr
+    unknown = _edge("--no-such-flag")
+    assert unknown.returncode == 2 and "no-such-flag" in unknown.stderr
