@@ -191,6 +191,9 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--gateways", type=int, default=None,
                     help="gateway processes sharing the gRPC port (SO_REUSEPORT): one uses about a core "
                     "(default: one per 4 CPUs this process may use, counting a container's CPU quota; 1 to 8)")
+    up.add_argument("--edge", action="store_true",
+                    help="put the native edge (Go; scripts/build-edge) in front of each gateway: it queues plain "
+                    "inference calls itself at a fraction of the gateway's CPU and relays the rest (docs/edge.md)")
     up.add_argument("--redis-url", default=None,
                     help="use this Redis instead of starting one [env REDIS_URL / FERRY_REDIS_URL]")
     inf = sub.add_parser("infer", help="send one request with random inputs and print the result")
@@ -299,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg.check_env(os.environ)
             redis_url = ns.redis_url or os.environ.get("FERRY_REDIS_URL") or os.environ.get("REDIS_URL")
-            return up(ns.model_repository, ns.grpc_port, ns.workers, ns.host, redis_url, ns.gateways)
+            return up(ns.model_repository, ns.grpc_port, ns.workers, ns.host, redis_url, ns.gateways, ns.edge)
         elif ns.command == "infer":
             _infer(ns)
         elif ns.command == "example-model":

@@ -193,12 +193,23 @@ def one_core_batching(env: dict[str, str], cpus: int) -> dict[str, str]:
     return {"FERRY_JUST_IN_TIME": "false"}
 
 
+def _edge_check(env: dict[str, str]) -> str:
+    """The edge binary, or why `ferry up --edge` cannot run as configured."""
+    if env.get("FERRY_TLS_CERT_FILE"):
+        raise ConfigError("the edge serves plaintext only: for TLS, run without --edge (the gateway serves TLS itself)")
+    if env.get("FERRY_AUTH_TOKENS_FILE"):
+        print("ferry up: tokens are on, so the edge relays every call to the gateway and gains nothing; "
+              "consider running without --edge", file=sys.stderr)
+    return edge_binary()
+
+
 def up(model_repository: Path | None, grpc_port: int, workers: int, host: str, redis_url: str | None,
-       gateways: int | None = None) -> int:
+       gateways: int | None = None, edge: bool = False) -> int:
     cpus = usable_cpus()
     gateways = default_gateways(cpus) if gateways is None else gateways
     if gateways < 1 or workers < 0:
         raise ConfigError("--gateways must be >= 1 and --workers >= 0")
+    binary = _edge_check(dict(os.environ)) if edge else None
     if model_repository is None:
         from ferry.example_model import write_repository
 
@@ -245,10 +256,17 @@ def up(model_repository: Path | None, grpc_port: int, workers: int, host: str, r
         default = 8002 if _port_free(8002) else None
         first = int(wanted) if wanted and int(wanted) > 0 else default
         shared = ["--reuse-port"] if gateways > 1 else []
+        # With the edge, the gateways listen on a private loopback port behind it.
+        gateway_port, gateway_host = (free_port(), "127.0.0.1") if binary else (grpc_port, host)
         for i in range(gateways):
             gateway_metrics = metrics_flag("gateway" if gateways == 1 else f"gateway {i}", first if i == 0 else None)
-            procs.append(("gateway", _spawn("gateway", ["--grpc-port", str(grpc_port), "--host", host, *shared,
-                                                        *gateway_metrics], env)))
+            procs.append(("gateway", _spawn("gateway", ["--grpc-port", str(gateway_port), "--host", gateway_host,
+                                                        *shared, *gateway_metrics], env)))
+        if binary:
+            for _ in range(gateways):
+                args = [binary, "--listen", f"{host}:{grpc_port}", "--upstream", f"127.0.0.1:{gateway_port}",
+                        "--redis-url", redis_url, *shared]
+                procs.append(("edge", subprocess.Popen(args, env=env, start_new_session=True)))
         probe_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         address = f"{probe_host}:{grpc_port}"
         # Connections land on any of the gateways, so the probe cannot tell them apart; each
@@ -259,6 +277,8 @@ def up(model_repository: Path | None, grpc_port: int, workers: int, host: str, r
         model = repo.names[0]
         print(f"""
 Ferry is serving {', '.join(repo.names)} on {host}:{grpc_port} (gRPC, Open Inference Protocol)
+  front end:        {f'native edge x{gateways}, Python gateway(s) on 127.0.0.1:{gateway_port}' if binary
+                       else f'Python gateway x{gateways}'}
   Redis:            {redis_url.split('@')[-1]}
   model repository: {model_repository}
   metrics:          {', '.join(f'{role} :{port}' for role, port in metric_ports) or 'off'} (Prometheus, /metrics)
@@ -277,7 +297,7 @@ Ctrl-C stops everything.
             time.sleep(0.2)
         return 0
     finally:
-        for order in ("gateway", "broker", "worker"):
+        for order in ("edge", "gateway", "broker", "worker"):
             group = [p for role, p in procs if role == order and p.poll() is None]
             for p in group:
                 p.send_signal(signal.SIGTERM)

@@ -17,7 +17,7 @@ from tritonclient.utils import InferenceServerException
 
 from ferry.cluster import free_port
 from ferry.lifecycle import cancel_all
-from tests.conftest import Cluster
+from tests.conftest import Cluster, require_edge
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,9 +46,13 @@ def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("FERRY_") and k != "REDIS_URL"}
 
 
-def test_ferry_up_serves_the_example_and_stops_cleanly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("front", ["gateway", "edge"])
+def test_ferry_up_serves_the_example_and_stops_cleanly(tmp_path: Path, front: str) -> None:
+    if front == "edge":
+        require_edge()
     port = free_port()
-    up = subprocess.Popen([sys.executable, "-m", "ferry.cli", "up", "--grpc-port", str(port)],
+    edge = ["--edge"] if front == "edge" else []
+    up = subprocess.Popen([sys.executable, "-m", "ferry.cli", "up", "--grpc-port", str(port), *edge],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT, text=True)
     try:
         lines = []
@@ -63,6 +67,7 @@ def test_ferry_up_serves_the_example_and_stops_cleanly(tmp_path: Path) -> None:
                 break
         text = "".join(lines)
         assert f"127.0.0.1:{port}" in text and "ferry infer" in text, text
+        assert ("native edge x1" in text) == (front == "edge"), text
         out = subprocess.run([sys.executable, "-m", "ferry.cli", "infer", "--url", f"127.0.0.1:{port}"],
                              capture_output=True, text=True, timeout=30, env=_env(), cwd=ROOT)
         assert out.returncode == 0, out.stderr
@@ -74,12 +79,16 @@ def test_ferry_up_serves_the_example_and_stops_cleanly(tmp_path: Path) -> None:
             up.kill()
             up.wait()
     # Every child (and the Redis it started) is gone.
-    ps = subprocess.run(["pgrep", "-f", f"--grpc-port {port}"], capture_output=True, text=True)
+    ps = subprocess.run(["pgrep", "-f", f"--grpc-port {port}|--listen 127.0.0.1:{port}"], capture_output=True,
+                        text=True)
     assert ps.stdout.strip() == ""
 
 
-def test_redis_down_gives_unavailable_within_bounded_time(repo: Path, tmp_path: Path) -> None:
-    c = Cluster(repo, tmp_path)
+@pytest.mark.parametrize("edge", [False, True], ids=["gateway", "edge"])
+def test_redis_down_gives_unavailable_within_bounded_time(repo: Path, tmp_path: Path, edge: bool) -> None:
+    if edge:
+        require_edge()
+    c = Cluster(repo, tmp_path, edge=edge)
     try:
         x = _mlp_input()
         client = c.client()
@@ -100,9 +109,12 @@ def test_redis_down_gives_unavailable_within_bounded_time(repo: Path, tmp_path: 
         c.close()
 
 
-def test_cluster_recovers_when_redis_loses_its_data(repo: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("edge", [False, True], ids=["gateway", "edge"])
+def test_cluster_recovers_when_redis_loses_its_data(repo: Path, tmp_path: Path, edge: bool) -> None:
     """A Redis restarted without persistence (here: FLUSHALL) loses groups and registrations; all come back."""
-    c = Cluster(repo, tmp_path)
+    if edge:
+        require_edge()
+    c = Cluster(repo, tmp_path, edge=edge)
     try:
         x = _mlp_input()
         client = c.client()

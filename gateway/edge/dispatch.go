@@ -373,8 +373,8 @@ func hasNoScript(replies []interface{}) bool {
 }
 
 func unavailable(t redisTarget, err error) result {
-	return result{codes.Unavailable, []byte(fmt.Sprintf(
-		"redis at %s is unreachable (%v); check that it runs and that this gateway can reach it", t.display, err)), true}
+	return result{codes.Unavailable, []byte(fmt.Sprintf("Redis at %s is unreachable (%v); retry later",
+		t.display, err)), true}
 }
 
 // retryLater puts the round back to be sent again shortly, unless Redis has been
