@@ -8,8 +8,9 @@ per model call, waiting at most ``--delay-us`` to fill one), and each is measure
 perf_analyzer sweep (batch-1 gRPC requests, closed loop, concurrency 1..64):
 
 * ``ferry``: ``ferry up`` (Redis on a Unix socket, broker, worker, gateway; ``--ferry-gateways``
-  and ``--ferry-workers`` add processes), adaptive batching (its default); ``ferry-fixed``: the same
-  with Triton's batching rule (``FERRY_BATCH_WINDOW=fixed``);
+  and ``--ferry-workers`` add processes), adaptive batching (its default); ``ferry-edge``: the same
+  with the native edge in front (``ferry up --edge``; build it first with scripts/build-edge);
+  ``ferry-fixed``: ``ferry`` with Triton's batching rule (``FERRY_BATCH_WINDOW=fixed``);
 * ``triton``: the ``tritonserver`` binary and python backend bundled in PyPI's nvidia-pytriton
   (``benchmarks/peers/triton.py``); its dynamic batcher, one python-backend instance running onnxruntime;
 * ``mlserver``: MLServer with adaptive batching and a small onnxruntime runtime, plus the ModelConfig
@@ -52,7 +53,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.sweep import median_rows, perf_analyzer  # noqa: E402
 from ferry.cluster import free_port  # noqa: E402
 
-PEERS = ("ferry", "ferry-fixed", "triton", "mlserver", "rayserve", "plain")
+PEERS = ("ferry", "ferry-edge", "ferry-fixed", "triton", "mlserver", "rayserve", "plain")
+FERRY = ("ferry", "ferry-edge", "ferry-fixed")
 EXTERNAL = {"triton", "mlserver", "rayserve"}  # the ones with a module in benchmarks/peers
 LEVELS = (1, 2, 4, 8, 16, 32, 64)
 BEGIN, END = "<!-- benchmarks/compare.py: begin -->", "<!-- benchmarks/compare.py: end -->"
@@ -101,7 +103,7 @@ def serve(peer: str, args: argparse.Namespace, cpu: int | None, onnx: Path, log_
     env = dict(os.environ)
     with tempfile.TemporaryDirectory(prefix=f"cmp-{peer}-") as tmp:
         work = Path(tmp)
-        if peer in ("ferry", "ferry-fixed"):
+        if peer in FERRY:
             from ferry.example_model import write_repository
 
             repo = write_repository(work / "models")
@@ -114,7 +116,8 @@ def serve(peer: str, args: argparse.Namespace, cpu: int | None, onnx: Path, log_
             env["FERRY_METRICS_PORT"] = "-1"
             env["FERRY_BATCH_WINDOW"] = "fixed" if peer == "ferry-fixed" else "adaptive"
             argv = [sys.executable, "-m", "ferry.cli", "up", "--model-repository", str(repo), "--grpc-port",
-                    str(port), "--workers", str(args.ferry_workers), "--gateways", str(args.ferry_gateways)]
+                    str(port), "--workers", str(args.ferry_workers), "--gateways", str(args.ferry_gateways),
+                    *(["--edge"] if peer == "ferry-edge" else [])]
         elif peer == "plain":
             argv = [sys.executable, str(ROOT / "benchmarks" / "plain_server.py"), "--port", str(port)]
         else:
@@ -252,8 +255,9 @@ def versions(peers: list[str], rev: str) -> list[str]:
 
     lines = []
     for p in peers:
-        if p in ("ferry", "ferry-fixed"):
-            lines.append(f"- {p}: {ferry.__version__} (commit {rev}), `ferry up`")
+        if p in FERRY:
+            edge = " --edge" if p == "ferry-edge" else ""
+            lines.append(f"- {p}: {ferry.__version__} (commit {rev}), `ferry up{edge}`")
         elif p == "plain":
             lines.append("- plain: `benchmarks/plain_server.py` (grpc.aio, onnxruntime in-process, no batching)")
         else:
@@ -359,7 +363,8 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, list[Row]]], l
         "(the median run is shown). *pinned*: the server, every process of it, on CPU 0 and perf_analyzer on "
         "CPU 1; *unpinned*: both share both cores. "
         f"Ferry: {run['ferry_gateways']} gateway(s), {run['ferry_workers']} worker(s), one broker, Redis; *ferry* "
-        "batches adaptively (its default), *ferry-fixed* with Triton's rule (`FERRY_BATCH_WINDOW=fixed`: a "
+        "batches adaptively (its default), *ferry-edge* the same behind the native edge (`ferry up --edge`, "
+        "docs/edge.md), *ferry-fixed* with Triton's rule (`FERRY_BATCH_WINDOW=fixed`: a "
         "partial batch leaves when its oldest request has waited the window).",
         "",
         *versions(peers, run.get("commit") or commit()),

@@ -263,9 +263,13 @@ def up(model_repository: Path | None, grpc_port: int, workers: int, host: str, r
             procs.append(("gateway", _spawn("gateway", ["--grpc-port", str(gateway_port), "--host", gateway_host,
                                                         *shared, *gateway_metrics], env)))
         if binary:
-            for _ in range(gateways):
+            for i in range(gateways):
                 args = [binary, "--listen", f"{host}:{grpc_port}", "--upstream", f"127.0.0.1:{gateway_port}",
                         "--redis-url", redis_url, *shared]
+                if not off:
+                    port = free_port()
+                    metric_ports.append(("edge" if gateways == 1 else f"edge {i}", port))
+                    args += ["--metrics-listen", f"{host}:{port}"]
                 procs.append(("edge", subprocess.Popen(args, env=env, start_new_session=True)))
         probe_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         address = f"{probe_host}:{grpc_port}"

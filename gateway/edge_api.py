@@ -30,6 +30,7 @@ import grpc
 
 from broker import keys, scripts
 from broker.messages import Stat
+from ferry import metrics
 from ferry.errors import InvalidArgument
 from gateway import dispatch
 from gateway.service import InferenceService
@@ -92,6 +93,7 @@ class EdgeApi:
             "fail_count_field": Stat.FAIL_COUNT,
             "fail_ns_field": Stat.FAIL_NS,
             "spec_ttl_s": SPEC_TTL_S,
+            "latency_buckets": list(metrics.LATENCY_BUCKETS),
             "forward_all": " and ".join(reasons),
         })
 

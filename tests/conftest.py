@@ -66,7 +66,9 @@ class Cluster:
 
     def spawn_edge(self, *args: str) -> subprocess.Popen[bytes]:
         log = open(self.logdir / f"edge-{len(self.procs)}.log", "wb")
-        proc = subprocess.Popen([edge_binary(), "--listen", self.url, "--upstream", self.gateway_url, *args],
+        self.edge_metrics = f"127.0.0.1:{free_port()}"
+        proc = subprocess.Popen([edge_binary(), "--listen", self.url, "--upstream", self.gateway_url,
+                                 "--metrics-listen", self.edge_metrics, *args],
                                 env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         self.procs.append(("edge", proc))
         return proc

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -71,6 +72,13 @@ def test_the_edge_takes_plain_calls_and_relays_the_rest(own: Cluster) -> None:
     with pytest.raises(InferenceServerException) as info:
         client.infer("nonexistent", [_mlp()])
     assert info.value.status() == "StatusCode.NOT_FOUND"
+    # Under the gateway's metric names, so that dashboards summing over gateways count them.
+    with urllib.request.urlopen(f"http://{own.edge_metrics}/metrics", timeout=5) as resp:
+        scraped = resp.read().decode()
+    assert 'ferry_requests_total{model="mlp",version="1",status="OK"} 40' in scraped, scraped
+    assert 'ferry_request_duration_seconds_count{model="mlp",version="1"} 40' in scraped, scraped
+    assert 'ferry_edge_relayed_total{reason="request parameter priority"} 1' in scraped, scraped
+    assert "ferry_gateway_inflight_requests 0" in scraped, scraped
     own.stop_cleanly()
     summary = re.search(r"stopped: took (\d+) inference calls(.*)", _edge_log(own))
     assert summary, own.logs()

@@ -70,7 +70,8 @@ type dispatcher struct {
 	wake      chan struct{}
 	failures  chan failure
 
-	late   uint64
+	late   uint64 // replies that found no waiting call (under mu)
+	resent uint64 // requests queued again after a reconnect (under mu)
 	stop   chan struct{}
 	wg     sync.WaitGroup
 	hasPop bool // Redis 7: BLMPOP
@@ -120,6 +121,12 @@ func (d *dispatcher) start() error {
 
 func (d *dispatcher) aliveCommand() []interface{} {
 	return []interface{}{"SET", d.h.GatewayAlive, "1", "PX", d.h.AliveTTLms}
+}
+
+func (d *dispatcher) counts() (held int, late, resent uint64) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return len(d.pending), d.late, d.resent
 }
 
 // close stops the loops, then deletes the alive key first (from then on workers drop
@@ -425,6 +432,7 @@ func (d *dispatcher) withResent(r round) round {
 			again = append(again, &cp)
 		}
 	}
+	d.resent += uint64(len(again))
 	d.mu.Unlock()
 	if len(again) > 0 {
 		log.Printf("Redis connection replaced: queueing %d waiting request(s) again, in case Redis lost them",

@@ -19,6 +19,7 @@ import (
 	"fmt"
 	"log"
 	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"strings"
@@ -35,6 +36,7 @@ type config struct {
 	upstream  string
 	redisURL  string
 	gatewayID string
+	metrics   string
 	reusePort bool
 	grace     time.Duration
 	startWait time.Duration
@@ -58,6 +60,8 @@ func parseConfig(args []string) (config, redisTarget, error) {
 		"Redis the broker reads (redis:// or unix://) [FERRY_REDIS_URL, REDIS_URL]")
 	fs.StringVar(&c.gatewayID, "gateway-id", env("FERRY_EDGE_GATEWAY_ID", ""),
 		"unique id of this edge in Redis (default: edge-<host>-<pid>-<random>) [FERRY_EDGE_GATEWAY_ID]")
+	fs.StringVar(&c.metrics, "metrics-listen", env("FERRY_EDGE_METRICS_LISTEN", ""),
+		"host:port to serve Prometheus metrics on, at /metrics (default: off) [FERRY_EDGE_METRICS_LISTEN]")
 	reuse := env("FERRY_EDGE_REUSE_PORT", "false")
 	fs.BoolVar(&c.reusePort, "reuse-port", reuse == "1" || reuse == "true",
 		"share the listen port with other edges on this host (SO_REUSEPORT) [FERRY_EDGE_REUSE_PORT]")
@@ -69,7 +73,10 @@ func parseConfig(args []string) (config, redisTarget, error) {
 	if fs.NArg() > 0 {
 		return c, redisTarget{}, fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
-	for name, v := range map[string]string{"listen": c.listen, "upstream": c.upstream} {
+	for name, v := range map[string]string{"listen": c.listen, "upstream": c.upstream, "metrics-listen": c.metrics} {
+		if v == "" && name == "metrics-listen" {
+			continue
+		}
 		if _, _, err := net.SplitHostPort(v); err != nil {
 			return c, redisTarget{}, fmt.Errorf("--%s %q is not host:port", name, v)
 		}
@@ -147,7 +154,21 @@ func main() {
 		fmt.Fprintf(os.Stderr, "ferry-edge: error: %v\n", err)
 		os.Exit(1)
 	}
-	e := &edge{h: h, up: up, specs: newSpecs(up, time.Duration(h.SpecTTLs*float64(time.Second))), d: d}
+	m := newMetrics(h.LatencyBuckets)
+	m.inflight = func() int { held, _, _ := d.counts(); return held }
+	m.dropped = func() uint64 { _, late, _ := d.counts(); return late }
+	m.resent = func() uint64 { _, _, resent := d.counts(); return resent }
+	if cfg.metrics != "" {
+		ml, err := net.Listen("tcp", cfg.metrics)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "ferry-edge: error: cannot serve metrics on %s (%v)\n", cfg.metrics, err)
+			os.Exit(2)
+		}
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", m)
+		go http.Serve(ml, mux)
+	}
+	e := &edge{h: h, up: up, specs: newSpecs(up, time.Duration(h.SpecTTLs*float64(time.Second))), d: d, m: m}
 	srv := grpc.NewServer(
 		grpc.CustomCodec(rawCodec{}),
 		grpc.UnknownServiceHandler(e.handle),

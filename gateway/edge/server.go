@@ -10,6 +10,8 @@ import (
 	"fmt"
 	"io"
 	"log"
+	"runtime/debug"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -45,13 +47,19 @@ type edge struct {
 	specs *specs
 	d     *dispatcher
 
-	taken   uint64 // atomic
-	mu      sync.Mutex
-	reasons map[string]uint64 // inference calls relayed, by reason
+	taken uint64 // atomic: inference calls taken
+	m     *metrics
 }
 
-func (e *edge) handle(_ interface{}, st grpc.ServerStream) error {
+func (e *edge) handle(_ interface{}, st grpc.ServerStream) (err error) {
 	method, _ := grpc.MethodFromServerStream(st)
+	defer func() {
+		// A bug must cost one call, not the process and every call it holds.
+		if p := recover(); p != nil {
+			log.Printf("bug in %s: %v\n%s", method, p, debug.Stack())
+			err = status.Errorf(codes.Internal, "internal error in %s; see the edge's log", method)
+		}
+	}()
 	switch method {
 	case inferMethod:
 		var in []byte
@@ -110,25 +118,29 @@ func (e *edge) admit(ctx context.Context, in []byte) (*modelSpec, *inferRequest,
 // relayed counts an inference call left to the gateway, and logs each reason once: a
 // client whose every call is relayed gains nothing from the edge and should know why.
 func (e *edge) relayed(why string) {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	if e.reasons == nil {
-		e.reasons = map[string]uint64{}
-	}
-	if e.reasons[why] == 0 {
+	if e.m.relay(why) {
 		log.Printf("relaying inference calls to the gateway for the first time because of: %s", why)
 	}
-	e.reasons[why]++
 }
 
 func (e *edge) summary() string {
-	e.mu.Lock()
-	defer e.mu.Unlock()
+	e.m.mu.Lock()
+	defer e.m.mu.Unlock()
 	parts := []string{fmt.Sprintf("took %d inference calls", atomic.LoadUint64(&e.taken))}
-	for why, n := range e.reasons {
+	for why, n := range e.m.relayed {
 		parts = append(parts, fmt.Sprintf("relayed %d for %s", n, why))
 	}
 	return strings.Join(parts, ", ")
+}
+
+// statusNames are gRPC's canonical code names, as the gateway's metrics label them.
+var statusNames = map[codes.Code]string{
+	codes.OK: "OK", codes.Canceled: "CANCELLED", codes.Unknown: "UNKNOWN", codes.InvalidArgument: "INVALID_ARGUMENT",
+	codes.DeadlineExceeded: "DEADLINE_EXCEEDED", codes.NotFound: "NOT_FOUND", codes.AlreadyExists: "ALREADY_EXISTS",
+	codes.PermissionDenied: "PERMISSION_DENIED", codes.ResourceExhausted: "RESOURCE_EXHAUSTED",
+	codes.FailedPrecondition: "FAILED_PRECONDITION", codes.Aborted: "ABORTED", codes.OutOfRange: "OUT_OF_RANGE",
+	codes.Unimplemented: "UNIMPLEMENTED", codes.Internal: "INTERNAL", codes.Unavailable: "UNAVAILABLE",
+	codes.DataLoss: "DATA_LOSS", codes.Unauthenticated: "UNAUTHENTICATED",
 }
 
 func (e *edge) timeout(ctx context.Context) time.Duration {
@@ -146,6 +158,7 @@ func (e *edge) run(ctx context.Context, spec *modelSpec, rows int64, in []byte) 
 		// Failures the gateway decides on; workers count the ones they decide on.
 		e.d.countFailure(spec, started)
 	}
+	e.m.observe(spec.Name, strconv.FormatInt(spec.Version, 10), statusNames[r.code], time.Since(started).Seconds())
 	return r
 }
 
@@ -246,6 +259,12 @@ func (e *edge) stream(st grpc.ServerStream) error {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			defer func() {
+				if p := recover(); p != nil {
+					log.Printf("bug in %s: %v\n%s", streamMethod, p, debug.Stack())
+					send(streamError(nil, "internal error in ModelStreamInfer; see the edge's log"))
+				}
+			}()
 			if out := e.streamOne(ctx, in); out != nil && ctx.Err() == nil {
 				send(out)
 			}

@@ -26,27 +26,28 @@ const (
 )
 
 type hello struct {
-	Protocol        int      `json:"protocol"`
-	GatewayAlive    string   `json:"gateway_alive"`
-	ReplyList       string   `json:"reply_list"`
-	AliveTTLms      int64    `json:"alive_ttl_ms"`
-	ReplyTTLms      int64    `json:"reply_ttl_ms"`
-	HeartbeatS      float64  `json:"heartbeat_s"`
-	Enqueue         string   `json:"enqueue"`
-	EnqueueSHA      string   `json:"enqueue_sha"`
-	RequestTimeoutS float64  `json:"request_timeout_s"`
-	MaxInflight     int      `json:"max_inflight"`
-	FlushIntervalUs int64    `json:"flush_interval_us"`
-	FlushMinGroup   int      `json:"flush_min_group"`
-	MaxGroup        int      `json:"max_group"`
-	RedisTimeoutS   float64  `json:"redis_timeout_s"`
-	MaxMessageBytes int      `json:"max_message_bytes"`
-	MaxElements     int64    `json:"max_elements"`
-	ReadParameters  []string `json:"read_parameters"` // request parameters the gateway acts on
-	FailCount       string   `json:"fail_count_field"`
-	FailNs          string   `json:"fail_ns_field"`
-	SpecTTLs        float64  `json:"spec_ttl_s"`
-	ForwardAll      string   `json:"forward_all"`
+	Protocol        int       `json:"protocol"`
+	GatewayAlive    string    `json:"gateway_alive"`
+	ReplyList       string    `json:"reply_list"`
+	AliveTTLms      int64     `json:"alive_ttl_ms"`
+	ReplyTTLms      int64     `json:"reply_ttl_ms"`
+	HeartbeatS      float64   `json:"heartbeat_s"`
+	Enqueue         string    `json:"enqueue"`
+	EnqueueSHA      string    `json:"enqueue_sha"`
+	RequestTimeoutS float64   `json:"request_timeout_s"`
+	MaxInflight     int       `json:"max_inflight"`
+	FlushIntervalUs int64     `json:"flush_interval_us"`
+	FlushMinGroup   int       `json:"flush_min_group"`
+	MaxGroup        int       `json:"max_group"`
+	RedisTimeoutS   float64   `json:"redis_timeout_s"`
+	MaxMessageBytes int       `json:"max_message_bytes"`
+	MaxElements     int64     `json:"max_elements"`
+	ReadParameters  []string  `json:"read_parameters"` // request parameters the gateway acts on
+	FailCount       string    `json:"fail_count_field"`
+	FailNs          string    `json:"fail_ns_field"`
+	SpecTTLs        float64   `json:"spec_ttl_s"`
+	LatencyBuckets  []float64 `json:"latency_buckets"`
+	ForwardAll      string    `json:"forward_all"`
 }
 
 type inputSpec struct {
