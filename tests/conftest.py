@@ -51,18 +51,22 @@ class Cluster:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("FERRY_") and k != "REDIS_URL"}
         self.env.update(FERRY_REDIS_URL=self.redis.url, FERRY_MODEL_REPOSITORY=str(repo), PYTHONUNBUFFERED="1",
                         FERRY_METRICS_PORT="0")
-        self.spawn("broker", *broker_args)
-        for _ in range(workers):
-            self.spawn("worker")
-        for args in worker_args:  # one more worker for each, e.g. ("--pool", "gpu")
-            self.spawn("worker", *args)
-        self.spawn("gateway", "--grpc-port", str(self.port), "--host", "127.0.0.1", *gateway_args)
-        if edge:  # the native edge in front: clients reach the gateway through it
-            self.gateway_url = self.url
-            self.port = free_port()
-            self.url = f"127.0.0.1:{self.port}"
-            self.spawn_edge()
-        self.wait_ready()
+        try:
+            self.spawn("broker", *broker_args)
+            for _ in range(workers):
+                self.spawn("worker")
+            for args in worker_args:  # one more worker for each, e.g. ("--pool", "gpu")
+                self.spawn("worker", *args)
+            self.spawn("gateway", "--grpc-port", str(self.port), "--host", "127.0.0.1", *gateway_args)
+            if edge:  # the native edge in front: clients reach the gateway through it
+                self.gateway_url = self.url
+                self.port = free_port()
+                self.url = f"127.0.0.1:{self.port}"
+                self.spawn_edge()
+            self.wait_ready()
+        except BaseException:
+            self.close()  # the caller never gets the object, so nothing else would stop these
+            raise
 
     def spawn_edge(self, *args: str) -> subprocess.Popen[bytes]:
         log = open(self.logdir / f"edge-{len(self.procs)}.log", "wb")
