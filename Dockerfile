@@ -1,6 +1,6 @@
 # Ferry's images: one Dockerfile, one target per role (docs/deploy.md).
 #
-#   docker build --target gateway    -t ferry/gateway .     # slim: no model runtime
+#   docker build --target gateway    -t ferry/gateway .     # slim: no model runtime; has ferry-edge
 #   docker build --target broker     -t ferry/broker .      # slim: no model runtime
 #   docker build --target worker-cpu -t ferry/worker-cpu .  # onnxruntime (CPU)
 #   docker build --target worker-gpu -t ferry/worker-gpu .  # CUDA 12 + cuDNN 9, onnxruntime-gpu
@@ -11,6 +11,7 @@
 # or build tool reaches a runtime image.
 
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
+ARG DEBIAN_IMAGE=debian:12.8-slim
 # onnxruntime-gpu 1.22 is built for CUDA 12 and cuDNN 9: keep these majors together.
 ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
 ARG ONNXRUNTIME_VERSION=1.22.1
@@ -27,6 +28,18 @@ COPY broker broker
 COPY workers workers
 COPY protos protos
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+
+# --- edge: the native front end (Go, docs/edge.md), from Debian's Go and grpc-go packages ------------
+FROM ${DEBIAN_IMAGE} AS edge-build
+# Unpinned apt packages on purpose: they follow the pinned Debian base.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends golang-go golang-google-grpc-dev \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY scripts/build-edge scripts/build-edge
+COPY gateway/edge gateway/edge
+RUN scripts/build-edge
 
 # --- runtime base: Python, Ferry with tracing, a non-root user --------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
@@ -47,8 +60,9 @@ USER 10001
 WORKDIR /tmp
 ENTRYPOINT ["ferry"]
 
-# --- gateway -------------------------------------------------------------------------------------
+# --- gateway (and the edge, which runs from the same image: `ferry-edge`) ----------------------------
 FROM runtime AS gateway
+COPY --from=edge-build /src/.cache/edge/ferry-edge /usr/local/bin/ferry-edge
 EXPOSE 8001 8002
 HEALTHCHECK --interval=10s --timeout=4s --start-period=20s --retries=3 \
     CMD ["ferry", "health", "--grpc", "127.0.0.1:8001"]

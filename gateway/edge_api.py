@@ -84,7 +84,6 @@ class EdgeApi:
             "request_timeout_s": s.request_timeout_s,
             "max_inflight": s.max_inflight,
             "flush_interval_us": s.flush_interval_us,
-            "flush_min_group": dispatch.FLUSH_MIN_GROUP,
             "max_group": dispatch.MAX_GROUP,
             "redis_timeout_s": s.redis_timeout_s,
             "max_message_bytes": s.max_message_bytes,

@@ -281,10 +281,15 @@ def _bind(streaming: bool, fn: Callable[..., Any], models: frozenset[str] | None
     return bound
 
 
+# Open whatever auth_open says: the native edge's Hello (gateway/edge_api.py) reveals only key names
+# and limits, and the edge must learn from it that tokens are on (it then relays every call).
+ALWAYS_OPEN = ("ferry.edge.v1.Edge/Hello",)
+
+
 def interceptors(settings: GatewaySettings) -> list[grpc.aio.ServerInterceptor]:  # type: ignore[type-arg]
     if not settings.auth_tokens_file:
         return []
-    return [AuthInterceptor(TokenFile(Path(settings.auth_tokens_file)), settings.auth_open.split(","))]
+    return [AuthInterceptor(TokenFile(Path(settings.auth_tokens_file)), [*settings.auth_open.split(","), *ALWAYS_OPEN])]
 
 
 def new_token() -> tuple[str, str]:

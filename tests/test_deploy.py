@@ -28,7 +28,7 @@ def test_dockerfiles_are_hadolint_clean(dockerfile: str) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("profiles", [(), ("gpu",), ("neuron",), ("observability",)])
+@pytest.mark.parametrize("profiles", [(), ("gpu",), ("neuron",), ("observability",), ("edge",)])
 def test_compose_file_is_valid_for_every_profile(profiles: tuple[str, ...]) -> None:
     args = [a for p in profiles for a in ("--profile", p)]
     proc = subprocess.run([_tool("docker-compose"), "-f", "docker-compose.yml", *args, "config", "-q"],
@@ -55,6 +55,17 @@ def test_compose_services_run_ferry_as_built() -> None:
         assert svc["depends_on"]["redis"]["condition"] == "service_healthy", name
     assert services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     assert "--appendonly" in services["redis"]["command"]
+
+
+def test_compose_edge_fronts_the_gateway_from_its_image() -> None:
+    proc = subprocess.run([_tool("docker-compose"), "-f", "docker-compose.yml", "--profile", "edge", "config",
+                           "--format", "json"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    import json
+
+    edge = json.loads(proc.stdout)["services"]["edge"]
+    assert edge["image"] == "ferry/gateway:dev" and edge["entrypoint"] == ["ferry-edge"]
+    assert edge["command"][edge["command"].index("--upstream") + 1] == "gateway:8001"
+    assert edge["environment"]["FERRY_REDIS_URL"] == "redis://redis:6379/0"
 
 
 def test_health_command_says_what_is_wrong() -> None:

@@ -8,6 +8,8 @@ the edge's own: that it does take the simple calls, how it starts, stops and fai
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import subprocess
 import time
@@ -116,3 +118,26 @@ def test_edge_refuses_what_it_cannot_serve_with_the_fix() -> None:
     assert gone.returncode == 2 and "did not describe itself" in gone.stderr and "ferry gateway" in gone.stderr
     unknown = _edge("--no-such-flag")
     assert unknown.returncode == 2 and "no-such-flag" in unknown.stderr
+
+
+def test_with_tokens_the_edge_relays_every_call_and_bypasses_no_check(repo: Path, tmp_path: Path) -> None:
+    require_edge()
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({"tokens": [
+        {"name": "t", "sha256": hashlib.sha256(b"tok-edge-0123456789").hexdigest(), "models": ["mlp"]}]}))
+    c = Cluster(repo, tmp_path, edge=True, headers={"authorization": "Bearer tok-edge-0123456789"},
+                gateway_args=("--auth-tokens-file", str(tokens)))
+    try:
+        client = c.client()
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("mlp", [_mlp()])
+        assert info.value.status() == "StatusCode.UNAUTHENTICATED"
+        assert client.infer("mlp", [_mlp()], headers=c.headers).as_numpy("OUTPUT0").shape == (1, 10)
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("identity", [_mlp()], headers=c.headers)
+        assert info.value.status() == "StatusCode.PERMISSION_DENIED"
+        c.stop_cleanly()
+        log = _edge_log(c)
+        assert "relays every call (the gateway checks tokens)" in log and "took 0 inference calls" in log, log
+    finally:
+        c.close()

@@ -147,3 +147,24 @@ def test_values_schema_rejects_mistakes(bad: dict[str, Any], says: str) -> None:
     report = helm.lint(str(CHART), bad)
     text = " ".join([m["error"] for m in report["messages"] if m["severity"] == 3] + report["errors"])
     assert says in text, report
+
+
+def test_the_edge_serves_the_grpc_port_beside_its_gateway() -> None:
+    docs = render(VALUES["edge-values"])
+    pod = kinds(docs, "Deployment")["ferry-gateway"]["spec"]["template"]["spec"]
+    gateway, edge = pod["containers"]
+    assert edge["name"] == "edge" and edge["command"] == ["ferry-edge"]
+    assert edge["args"][:4] == ["--listen", "0.0.0.0:8001", "--upstream", "127.0.0.1:8011"]
+    # The Service's named port now lands on the edge; the gateway listens on its own port behind it.
+    assert {p["name"]: p["containerPort"] for p in edge["ports"]}["grpc"] == 8001
+    assert "grpc" not in {p["name"] for p in gateway["ports"]}
+    assert gateway["args"][:3] == ["gateway", "--grpc-port", "8011"]
+    assert gateway["readinessProbe"]["grpc"] == {"port": 8011} and edge["readinessProbe"]["grpc"] == {"port": 8001}
+    assert any(e["name"] == "FERRY_REDIS_URL" for e in edge["env"])
+    endpoints = kinds(docs, "PodMonitor")["ferry"]["spec"]["podMetricsEndpoints"]
+    assert [e["port"] for e in endpoints] == ["metrics", "edge-metrics"]
+
+
+def test_the_edge_refuses_tls() -> None:
+    with pytest.raises(Exception, match="plaintext only"):
+        render({"gateway": {"edge": {"enabled": True}, "tls": {"secretName": "t"}}})

@@ -22,6 +22,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"runtime/pprof"
 	"strings"
 	"syscall"
 	"time"
@@ -124,6 +125,13 @@ func main() {
 		}
 		fmt.Fprintf(os.Stderr, "ferry-edge: error: %v\n", err)
 		os.Exit(2)
+	}
+	if path := os.Getenv("FERRY_EDGE_CPU_PROFILE"); path != "" {
+		// For benchmarking the edge itself: `go tool pprof ferry-edge <path>` after it stops.
+		if f, err := os.Create(path); err == nil {
+			pprof.StartCPUProfile(f)
+			defer func() { pprof.StopCPUProfile(); f.Close() }()
+		}
 	}
 	// Bind first: an edge that cannot serve must not announce itself in Redis.
 	lis, err := listen(cfg.listen, cfg.reusePort)

@@ -37,7 +37,6 @@ type hello struct {
 	RequestTimeoutS float64   `json:"request_timeout_s"`
 	MaxInflight     int       `json:"max_inflight"`
 	FlushIntervalUs int64     `json:"flush_interval_us"`
-	FlushMinGroup   int       `json:"flush_min_group"`
 	MaxGroup        int       `json:"max_group"`
 	RedisTimeoutS   float64   `json:"redis_timeout_s"`
 	MaxMessageBytes int       `json:"max_message_bytes"`
