@@ -319,8 +319,16 @@ ALL_SETTINGS = (GatewaySettings, BrokerSettings, WorkerSettings)
 S = TypeVar("S", bound=CommonSettings)
 
 
+# Read by the native edge (gateway/edge/main.go, docs/edge.md), not by any Python process: known here
+# so that one environment (a compose file, a pod) can serve every process, and a typo still fails.
+EDGE_ENV_NAMES = frozenset({
+    "FERRY_EDGE_LISTEN", "FERRY_EDGE_UPSTREAM", "FERRY_EDGE_GATEWAY_ID", "FERRY_EDGE_METRICS_LISTEN",
+    "FERRY_EDGE_REUSE_PORT", "FERRY_EDGE_CPU_PROFILE",
+})
+
+
 def known_env_names() -> set[str]:
-    return {ENV_PREFIX + f.name.upper() for cls in ALL_SETTINGS for f in dataclasses.fields(cls)}
+    return {ENV_PREFIX + f.name.upper() for cls in ALL_SETTINGS for f in dataclasses.fields(cls)} | EDGE_ENV_NAMES
 
 
 def check_env(env: Mapping[str, str]) -> None:

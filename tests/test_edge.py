@@ -118,6 +118,18 @@ def test_edge_refuses_what_it_cannot_serve_with_the_fix() -> None:
     assert gone.returncode == 2 and "did not describe itself" in gone.stderr and "ferry gateway" in gone.stderr
     unknown = _edge("--no-such-flag")
     assert unknown.returncode == 2 and "no-such-flag" in unknown.stderr
+    typo = subprocess.run([edge_binary()], capture_output=True, text=True, timeout=20,
+                          env={"FERRY_EDGE_LISTN": "127.0.0.1:1"})
+    assert typo.returncode == 2 and "FERRY_EDGE_LISTN" in typo.stderr
+
+
+def test_the_edge_settings_are_known_to_every_process() -> None:
+    from ferry.errors import ConfigError
+    from ferry.settings import check_env
+
+    check_env({"FERRY_EDGE_LISTEN": "0.0.0.0:8001", "FERRY_EDGE_METRICS_LISTEN": ":8012"})
+    with pytest.raises(ConfigError, match="FERRY_EDGE_LISTN"):
+        check_env({"FERRY_EDGE_LISTN": "0.0.0.0:8001"})
 
 
 def test_with_tokens_the_edge_relays_every_call_and_bypasses_no_check(repo: Path, tmp_path: Path) -> None:

@@ -50,7 +50,18 @@ func env(name, fallback string) string {
 	return fallback
 }
 
+// edgeEnv is every FERRY_EDGE_ variable the edge reads (ferry/settings.py EDGE_ENV_NAMES lists
+// the same): any other is a typo, refused as the Python processes refuse theirs.
+var edgeEnv = map[string]bool{"FERRY_EDGE_LISTEN": true, "FERRY_EDGE_UPSTREAM": true, "FERRY_EDGE_GATEWAY_ID": true,
+	"FERRY_EDGE_METRICS_LISTEN": true, "FERRY_EDGE_REUSE_PORT": true, "FERRY_EDGE_CPU_PROFILE": true}
+
 func parseConfig(args []string) (config, redisTarget, error) {
+	for _, kv := range os.Environ() {
+		name := strings.SplitN(kv, "=", 2)[0]
+		if strings.HasPrefix(name, "FERRY_EDGE_") && !edgeEnv[name] {
+			return config{}, redisTarget{}, fmt.Errorf("unknown setting in the environment: %s", name)
+		}
+	}
 	fs := flag.NewFlagSet("ferry-edge", flag.ContinueOnError)
 	c := config{}
 	fs.StringVar(&c.listen, "listen", env("FERRY_EDGE_LISTEN", "0.0.0.0:8001"),
