@@ -203,26 +203,20 @@ func (rc *respConn) read() (interface{}, error) {
 		return RespError(string(l[1:])), nil
 	case ':':
 		return strconv.ParseInt(string(l[1:]), 10, 64)
-	case '$':
+	case '$', '*':
 		n, err := strconv.Atoi(string(l[1:]))
 		if err != nil {
 			return nil, err
 		}
-		if n < 0 {
+		if n < 0 { // a null bulk string or array
 			return nil, nil
 		}
-		b := make([]byte, n+2)
-		if _, err := io.ReadFull(rc.r, b); err != nil {
-			return nil, err
-		}
-		return b[:n], nil
-	case '*':
-		n, err := strconv.Atoi(string(l[1:]))
-		if err != nil {
-			return nil, err
-		}
-		if n < 0 {
-			return nil, nil
+		if l[0] == '$' {
+			b := make([]byte, n+2)
+			if _, err := io.ReadFull(rc.r, b); err != nil {
+				return nil, err
+			}
+			return b[:n], nil
 		}
 		arr := make([]interface{}, n)
 		for i := range arr {
