@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
 const (
@@ -195,12 +196,15 @@ func (d *dispatcher) submit(ctx context.Context, spec *modelSpec, rows int64, pa
 		r = result{codes.DeadlineExceeded, []byte(fmt.Sprintf("no answer from model %s v%d within %.3fs",
 			quoted(spec.Name), spec.Version, timeout.Seconds())), true}
 	case <-ctx.Done():
-		// The client went away: take the request out of the queue if it is still there.
+		// The client went away, or its deadline passed: take the request out of the queue if it
+		// is still there, and answer as gRPC would, so the client sees DEADLINE_EXCEEDED for its
+		// deadline whichever of its timer and this answer reaches it first.
 		d.mu.Lock()
 		d.cancels[spec.RequestStream] = append(d.cancels[spec.RequestStream], c.corr)
 		d.mu.Unlock()
 		d.signal()
-		r = result{codes.Canceled, []byte("the client cancelled the call"), true}
+		st := status.FromContextError(ctx.Err())
+		r = result{st.Code(), []byte(st.Message()), true}
 	}
 	d.mu.Lock()
 	delete(d.pending, c.corr)

@@ -156,8 +156,9 @@ func (e *edge) timeout(ctx context.Context) time.Duration {
 func (e *edge) run(ctx context.Context, spec *modelSpec, rows int64, in []byte) result {
 	started := time.Now()
 	r := e.d.submit(ctx, spec, rows, in, e.timeout(ctx))
-	if r.local && r.code != codes.Canceled {
-		// Failures the gateway decides on; workers count the ones they decide on.
+	if r.local && ctx.Err() == nil {
+		// Failures the gateway decides on (not the client's own cancel or deadline, as in the
+		// gateway); workers count the ones they decide on.
 		e.d.countFailure(spec, started)
 	}
 	e.m.observe(spec.Name, strconv.FormatInt(spec.Version, 10), statusNames[r.code], time.Since(started).Seconds())
@@ -278,7 +279,7 @@ func (e *edge) streamOne(ctx context.Context, in []byte) []byte {
 	spec, req, rows := e.admit(ctx, in)
 	if spec != nil {
 		r := e.run(ctx, spec, rows, in)
-		if r.code == codes.Canceled {
+		if ctx.Err() != nil { // the stream is over: nobody to answer
 			return nil
 		}
 		if r.code != codes.OK {
