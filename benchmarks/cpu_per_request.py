@@ -36,6 +36,8 @@ def snapshot() -> dict[int, tuple[str, float]]:
             continue
         if m := re.search(r"ferry\.cli (gateway|broker|worker)", cmd):
             name = m.group(1)
+        elif "ferry-edge" in cmd:
+            name = "edge"
         elif "redis-server" in cmd:
             name = "redis-server"
         elif "perf_analyzer" in cmd and "-m" in cmd:

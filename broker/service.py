@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import logging
 import math
 import time
@@ -76,8 +77,8 @@ from ferry.errors import Code
 from ferry.lifecycle import cancel_all
 from ferry.redis_conn import REDIS_DOWN, connect, ensure_group
 from ferry.repository import ModelVersion, Repository
-from ferry.resp import DataClient, RespError, range_entries, stream_entries
-from ferry.resp_cluster import data_client, stream_groups
+from ferry.resp import DataClient, RespError, listen, range_entries, stream_entries
+from ferry.resp_cluster import data_client, stream_groups, subscriber_urls
 from ferry.settings import BrokerSettings
 from ferry.tracing import Tracing
 
@@ -149,7 +150,7 @@ class Broker:
                 model.options.append((pool, LatencyModel()))
             self._models[model.stream.encode()] = model
             self._by_key[mv.key] = model
-        self._by_channel = {keys.done_channel(p.name): p for p in self._pools.values()}
+        self._by_channel = {keys.done_channel(p.name).encode(): p for p in self._pools.values()}
         for model in self._models.values():
             metrics.PENDING.labels(*model.labels).set_function(functools.partial(_pending, model))
         for name in self._pools:
@@ -344,14 +345,10 @@ class Broker:
 
     async def _listener(self) -> None:
         channels = [keys.done_channel(p) for p in self._pools]
-        while True:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        urls = subscriber_urls(self.settings.redis_url)
+        for attempt in itertools.count():
             try:
-                await pubsub.subscribe(*channels)
-                while True:
-                    msg = await pubsub.get_message(timeout=1.0)
-                    if msg is not None and msg["type"] == "message":
-                        self._on_done(msg["channel"].decode(), msg["data"])
+                await listen(urls[attempt % len(urls)], self.settings.redis_timeout_s, channels, self._on_notice)
             except REDIS_DOWN as exc:
                 log.warning("done-notice listener: redis unreachable (%s); retrying", exc)
                 await asyncio.sleep(0.2)
@@ -360,11 +357,15 @@ class Broker:
             except Exception:
                 log.exception("done-notice listener failed; retrying")
                 await asyncio.sleep(0.5)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
 
-    def _on_done(self, channel: str, data: bytes) -> None:
+    def _on_notice(self, channel: bytes, data: bytes) -> None:
+        # Called from the subscription's protocol: an exception here would close it.
+        try:
+            self._on_done(channel, data)
+        except Exception:
+            log.exception("could not handle done notice %r", data[:200])
+
+    def _on_done(self, channel: bytes, data: bytes) -> None:
         now = time.monotonic()
         model_name, version, rows, compute_ns, ids = parse_done(data)
         pool = self._by_channel.get(channel)
@@ -380,7 +381,10 @@ class Broker:
             if sent:
                 lat.observe_overhead(now - min(t for t, _ in sent) - compute)
                 pool.observe_hop(max(0.0, now - min(start for _, start in sent) - compute))
-        self._kick.set()
+        # The room it freed matters only to queued requests: with none, a dispatch round would find
+        # nothing to do (at low load, one wasted round per request).
+        if any(m.sched.live for m in self._model_list):
+            self._kick.set()
 
     # --- dispatching ---------------------------------------------------------------------
 

@@ -7,9 +7,11 @@ each call's commands in a single write, and matches replies in order as
 hiredis parses them, so many concurrent callers share one socket without a
 pool and a round trip costs one wake-up.
 
-It is deliberately narrow: RESP2 commands in, hiredis values out.  Setup,
-heartbeats and statistics keep using redis-py; blocking commands (XREADGROUP
-BLOCK, BLPOP) get a client of their own so they never hold up other replies.
+It is deliberately narrow: RESP2 commands in, hiredis values out.  Setup and
+the control plane (consumer groups, statistics reads) keep using redis-py;
+blocking commands (XREADGROUP BLOCK, BLPOP) get a client of their own so they
+never hold up other replies, and so does a subscription (``listen``), whose
+messages go straight to a callback.
 Every call ends within its timeout; a timed-out or broken connection is
 dropped and reopened by the next call.
 """
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import hiredis
@@ -74,14 +76,16 @@ class _Protocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
-        batches = self.batches
         while (reply := self.reader.gets()) is not False:
-            batch = batches[0]
-            batch.replies.append(reply)
-            if len(batch.replies) == batch.wanted:
-                batches.popleft()
-                if not batch.future.done():
-                    batch.future.set_result(batch.replies)
+            self._answer(reply)
+
+    def _answer(self, reply: Any) -> None:
+        batch = self.batches[0]
+        batch.replies.append(reply)
+        if len(batch.replies) == batch.wanted:
+            self.batches.popleft()
+            if not batch.future.done():
+                batch.future.set_result(batch.replies)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = exc or ConnectionError("Redis closed the connection")
@@ -90,6 +94,23 @@ class _Protocol(asyncio.Protocol):
             b = self.batches.popleft()
             if not b.future.done():
                 b.future.set_exception(ConnectionError(f"Redis connection lost: {self.lost}"))
+
+
+class _Subscribed(_Protocol):
+    """A connection in subscribed mode: each published message goes to ``on_message(channel, data)``
+    as it arrives; the other replies (SUBSCRIBE's confirmations, PING's pong) answer their callers."""
+
+    def __init__(self, on_message: Callable[[bytes, bytes], None]) -> None:
+        super().__init__()
+        self.on_message = on_message
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        while (reply := self.reader.gets()) is not False:
+            if type(reply) is list and len(reply) == 3 and reply[0] == b"message":
+                self.on_message(reply[1], reply[2])
+            else:
+                self._answer(reply)
 
 
 class DataClient(Protocol):
@@ -116,9 +137,11 @@ class DataClient(Protocol):
 
 
 class RespClient:
-    def __init__(self, url: str, timeout_s: float) -> None:
+    def __init__(self, url: str, timeout_s: float, *,
+                 protocol: Callable[[], _Protocol] = _Protocol) -> None:
         self.url = url
         self.timeout_s = timeout_s
+        self._protocol = protocol
         self._proto: _Protocol | None = None
         self._connecting: asyncio.Lock | None = None
         # Connections opened so far: a change tells a caller that writes it made on an
@@ -130,10 +153,10 @@ class RespClient:
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(self.timeout_s):
             if t.scheme == "unix":
-                _, proto = await loop.create_unix_connection(_Protocol, t.path)
+                _, proto = await loop.create_unix_connection(self._protocol, t.path)
             else:
                 host, port = await self._primary(t) if t.sentinel else (t.host, t.port)
-                _, proto = await loop.create_connection(_Protocol, host, port, ssl=t.ssl_context())
+                _, proto = await loop.create_connection(self._protocol, host, port, ssl=t.ssl_context())
             setup: list[Command] = []
             if t.password is not None:
                 setup.append(("AUTH", t.username, t.password) if t.username else ("AUTH", t.password))
@@ -246,6 +269,24 @@ class RespClient:
 
     async def close(self) -> None:
         self.drop()
+
+
+async def listen(url: str, timeout_s: float, channels: Sequence[str],
+                 on_message: Callable[[bytes, bytes], None], *, ping_s: float = 1.0) -> None:
+    """Subscribe to ``channels`` and hand each message to ``on_message(channel, data)``, in the
+    connection's own callback (no task or queue per message), until the connection fails: then it
+    raises ConnectionError, TimeoutError or OSError, and the caller subscribes again.  A PING every
+    ``ping_s`` proves the connection alive, so a silent one (a partition, a failover that kept the
+    socket open) ends within ``ping_s + timeout_s``.  ``on_message`` must not raise."""
+    client = RespClient(url, timeout_s, protocol=lambda: _Subscribed(on_message))
+    try:
+        # One SUBSCRIBE per channel: each has one confirmation, so replies match commands.
+        await client.execute([("SUBSCRIBE", ch) for ch in channels])
+        while True:
+            await asyncio.sleep(ping_s)
+            await client.execute([("PING",)])
+    finally:
+        await client.close()
 
 
 class RedisBusy(ConnectionError):

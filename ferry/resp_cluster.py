@@ -21,6 +21,7 @@ from typing import Any
 
 import hiredis
 
+from ferry.redis_url import RedisTarget
 from ferry.redis_url import parse as parse_url
 from ferry.resp import Command, DataClient, RespClient, RespError, raise_first_error
 
@@ -93,11 +94,7 @@ class ClusterClient:
     def _node(self, addr: Node) -> RespClient:
         client = self._nodes.get(addr)
         if client is None:
-            t = self._target
-            auth = ""
-            if t.password is not None:
-                auth = f"{t.username or ''}:{t.password}@"
-            client = self._nodes[addr] = RespClient(f"redis://{auth}{addr[0]}:{addr[1]}/0", self.timeout_s)
+            client = self._nodes[addr] = RespClient(_node_url(self._target, addr), self.timeout_s)
         return client
 
     async def _refresh(self) -> None:
@@ -192,6 +189,18 @@ class ClusterClient:
     async def close(self) -> None:
         for node in self._nodes.values():
             await node.close()
+
+
+def _node_url(t: RedisTarget, addr: Node) -> str:
+    auth = f"{t.username or ''}:{t.password}@" if t.password is not None else ""
+    return f"redis://{auth}{addr[0]}:{addr[1]}/0"
+
+
+def subscriber_urls(url: str) -> list[str]:
+    """Where a subscriber may listen, to try in turn: the server, or any node of a cluster (the
+    cluster bus delivers every PUBLISH to subscribers on all of them)."""
+    t = parse_url(url)
+    return [_node_url(t, addr) for addr in t.sentinels] if t.cluster else [url]
 
 
 def data_client(url: str, timeout_s: float) -> DataClient:
