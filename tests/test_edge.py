@@ -121,13 +121,18 @@ def test_edge_refuses_what_it_cannot_serve_with_the_fix() -> None:
     typo = subprocess.run([edge_binary()], capture_output=True, text=True, timeout=20,
                           env={"FERRY_EDGE_LISTN": "127.0.0.1:1"})
     assert typo.returncode == 2 and "FERRY_EDGE_LISTN" in typo.stderr
+    negative = _edge("--procs", "-1")
+    assert negative.returncode == 2 and "--procs must be >= 0" in negative.stderr
+    garbled = subprocess.run([edge_binary()], capture_output=True, text=True, timeout=20,
+                             env={"FERRY_EDGE_PROCS": "two"})
+    assert garbled.returncode == 2 and "FERRY_EDGE_PROCS" in garbled.stderr
 
 
 def test_the_edge_settings_are_known_to_every_process() -> None:
     from ferry.errors import ConfigError
     from ferry.settings import check_env
 
-    check_env({"FERRY_EDGE_LISTEN": "0.0.0.0:8001", "FERRY_EDGE_METRICS_LISTEN": ":8012"})
+    check_env({"FERRY_EDGE_LISTEN": "0.0.0.0:8001", "FERRY_EDGE_METRICS_LISTEN": ":8012", "FERRY_EDGE_PROCS": "2"})
     with pytest.raises(ConfigError, match="FERRY_EDGE_LISTN"):
         check_env({"FERRY_EDGE_LISTN": "0.0.0.0:8001"})
 

@@ -155,6 +155,7 @@ def test_the_edge_serves_the_grpc_port_beside_its_gateway() -> None:
     gateway, edge = pod["containers"]
     assert edge["name"] == "edge" and edge["command"] == ["ferry-edge"]
     assert edge["args"][:4] == ["--listen", "0.0.0.0:8001", "--upstream", "127.0.0.1:8011"]
+    assert edge["args"][-2:] == ["--procs", "1"]  # Go would size itself by the node's CPUs, not the limit
     # The Service's named port now lands on the edge; the gateway listens on its own port behind it.
     assert {p["name"]: p["containerPort"] for p in edge["ports"]}["grpc"] == 8001
     assert "grpc" not in {p["name"] for p in gateway["ports"]}

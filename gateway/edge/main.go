@@ -22,7 +22,9 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"runtime"
 	"runtime/pprof"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -39,6 +41,7 @@ type config struct {
 	gatewayID string
 	metrics   string
 	reusePort bool
+	procs     int
 	grace     time.Duration
 	startWait time.Duration
 }
@@ -53,7 +56,8 @@ func env(name, fallback string) string {
 // edgeEnv is every FERRY_EDGE_ variable the edge reads (ferry/settings.py EDGE_ENV_NAMES lists
 // the same): any other is a typo, refused as the Python processes refuse theirs.
 var edgeEnv = map[string]bool{"FERRY_EDGE_LISTEN": true, "FERRY_EDGE_UPSTREAM": true, "FERRY_EDGE_GATEWAY_ID": true,
-	"FERRY_EDGE_METRICS_LISTEN": true, "FERRY_EDGE_REUSE_PORT": true, "FERRY_EDGE_CPU_PROFILE": true}
+	"FERRY_EDGE_METRICS_LISTEN": true, "FERRY_EDGE_REUSE_PORT": true, "FERRY_EDGE_CPU_PROFILE": true,
+	"FERRY_EDGE_PROCS": true}
 
 func parseConfig(args []string) (config, redisTarget, error) {
 	for _, kv := range os.Environ() {
@@ -77,6 +81,15 @@ func parseConfig(args []string) (config, redisTarget, error) {
 	reuse := env("FERRY_EDGE_REUSE_PORT", "false")
 	fs.BoolVar(&c.reusePort, "reuse-port", reuse == "1" || reuse == "true",
 		"share the listen port with other edges on this host (SO_REUSEPORT) [FERRY_EDGE_REUSE_PORT]")
+	// One by default: with more, each call's goroutine hand-offs wake other OS threads, and on 2
+	// cores that cost 15-25% more CPU per call at every load (docs/edge.md). One core carries
+	// about 15,000 calls/s here; beyond that run more edges on the port (--reuse-port) or raise it.
+	procs, perr := strconv.Atoi(env("FERRY_EDGE_PROCS", "1"))
+	if perr != nil {
+		return c, redisTarget{}, fmt.Errorf("FERRY_EDGE_PROCS %q is not a number", os.Getenv("FERRY_EDGE_PROCS"))
+	}
+	fs.IntVar(&c.procs, "procs", procs,
+		"CPUs the edge runs Go code on at once (GOMAXPROCS); 0: Go's default, one per CPU [FERRY_EDGE_PROCS]")
 	fs.DurationVar(&c.grace, "grace", 30*time.Second, "on SIGTERM, how long calls in flight may take to finish")
 	fs.DurationVar(&c.startWait, "start-wait", 60*time.Second, "how long to wait for the gateway at start")
 	if err := fs.Parse(args); err != nil {
@@ -92,6 +105,9 @@ func parseConfig(args []string) (config, redisTarget, error) {
 		if _, _, err := net.SplitHostPort(v); err != nil {
 			return c, redisTarget{}, fmt.Errorf("--%s %q is not host:port", name, v)
 		}
+	}
+	if c.procs < 0 {
+		return c, redisTarget{}, errors.New("--procs must be >= 0")
 	}
 	if c.grace < 0 || c.startWait <= 0 {
 		return c, redisTarget{}, errors.New("--grace must be >= 0 and --start-wait > 0")
@@ -136,6 +152,9 @@ func main() {
 		}
 		fmt.Fprintf(os.Stderr, "ferry-edge: error: %v\n", err)
 		os.Exit(2)
+	}
+	if cfg.procs > 0 {
+		runtime.GOMAXPROCS(cfg.procs)
 	}
 	if path := os.Getenv("FERRY_EDGE_CPU_PROFILE"); path != "" {
 		// For benchmarking the edge itself: `go tool pprof ferry-edge <path>` after it stops.
