@@ -74,7 +74,7 @@ from broker.reclaim import (
 from broker.scheduler import Entry, LatencyModel, ModelScheduler, Rejection, Request
 from ferry import metrics
 from ferry.errors import Code
-from ferry.lifecycle import cancel_all
+from ferry.lifecycle import Wakeup, cancel_all
 from ferry.redis_conn import REDIS_DOWN, connect, ensure_group
 from ferry.repository import ModelVersion, Repository
 from ferry.resp import DataClient, RespError, listen, range_entries, stream_entries
@@ -121,7 +121,7 @@ class Broker:
         self._writes = data_client(settings.redis_url, settings.redis_timeout_s)
         self.live = LiveWorkers(self._writes, settings.redis_url)
         self._stopping = asyncio.Event()
-        self._kick = asyncio.Event()
+        self._kick = Wakeup()
         self._models: dict[bytes, _Model] = {}
         self._by_key: dict[tuple[str, int], _Model] = {}
         self._pools: dict[str, Pool] = {}
@@ -237,6 +237,9 @@ class Broker:
                 if resp:
                     self._take_in(resp)
                     self._kick.set()
+                    # Let the dispatcher send what this read made ready before the read is re-armed:
+                    # re-arming first put a Redis round of its own ahead of the batch.
+                    await asyncio.sleep(0)
                 backoff = 0.05
             except REDIS_DOWN as exc:
                 log.warning("redis unreachable (%s); retrying in %.2fs", exc, backoff)
@@ -412,8 +415,7 @@ class Broker:
                 continue
             wait = self._next_wake(time.monotonic())
             if wait > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._kick.wait(), wait)
+                await self._kick.wait(wait)
 
     def _workers(self, pool: str) -> int:
         return self.live.pools[pool]

@@ -59,6 +59,43 @@ def setup_logging(level: str, as_json: bool) -> None:
     root.setLevel(level.upper())
 
 
+class Wakeup:
+    """Wakes one waiting task: ``set`` ends a ``wait`` at once, and a ``set`` before the ``wait``
+    makes it return without waiting (until ``clear``).  Cheaper than ``wait_for(Event.wait())``,
+    which creates a task per wait and takes several loop steps to resume the waiter; a loop that
+    waits for every batch (the broker's dispatcher) pays that on its hot path."""
+
+    def __init__(self) -> None:
+        self._set = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def set(self) -> None:
+        self._set = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._set = False
+
+    async def wait(self, timeout_s: float) -> None:
+        """Until ``set`` or ``timeout_s`` seconds, whichever comes first."""
+        if self._set:
+            return
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_later(timeout_s, _resolve, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 async def cancel_all(tasks: Iterable[asyncio.Task[Any]], *, retry_s: float = 0.1, give_up_s: float = 5.0) -> None:
     """Cancel background tasks and wait until they are gone.
 
