@@ -211,12 +211,17 @@ class Worker:
             result = await asyncio.get_running_loop().run_in_executor(self._compute, runner.run, members)
         else:
             result = runner.run(members)
+        elapsed = time.perf_counter_ns() - started
+        # Rows 0 (nothing ran): the notice only frees room in the pool; the broker learns nothing from it.
+        took = elapsed if result.rows_run else 0
+        commands = self._reply_commands(ids, result)
+        commands.append(["PUBLISH", self.done_channel, done_notice(first.model, first.version, result.rows_run,
+                                                                   took, ids)])
+        # Replies hit the socket now, before the bookkeeping below and the next read; the writer
+        # only waits for Redis to confirm them (and retries if it did not).
+        sent = self._writes.send_now(commands)
         self.batches_run += 1
         self._add_stats((first.model, first.version), result.stats)
-        commands = self._reply_commands(ids, result)
-        # Rows 0 (nothing ran): the notice only frees room in the pool; the broker learns nothing from it.
-        elapsed = time.perf_counter_ns() - started
-        took = elapsed if result.rows_run else 0
         if self.tracing.enabled and first.trace:
             end_ns = time.time_ns()
             self.tracing.compute_span(first.trace, [m.trace for m in members], end_ns - elapsed, end_ns,
@@ -229,11 +234,7 @@ class Worker:
             metrics.BATCH_SIZE.labels(*labels).observe(result.rows_run)
             metrics.INFERENCES.labels(*labels).inc(result.rows_run)
             metrics.EXECUTIONS.labels(*labels).inc()
-        commands.append(["PUBLISH", self.done_channel, done_notice(first.model, first.version, result.rows_run,
-                                                                   took, ids)])
-        # Replies hit the socket now, before the next read; the writer only waits for
-        # Redis to confirm them (and retries if it did not).
-        await self._outbox.put((commands, self._writes.send_now(commands), ids))
+        await self._outbox.put((commands, sent, ids))
 
     def _reply_commands(self, ids: list[bytes], result: BatchResult) -> list[list[bytes | str | int]]:
         """Replies first (one bundle per gateway), then the batch entries deleted and acknowledged."""
