@@ -66,6 +66,9 @@ class _Batch:
 
 class _Protocol(asyncio.Protocol):
     def __init__(self) -> None:
+        # Kept: asyncio.get_running_loop() makes a getpid() system call on every use (Python
+        # 3.11), and each call used it to make its future.
+        self.loop = asyncio.get_running_loop()
         self.reader = hiredis.Reader()
         self.batches: deque[_Batch] = deque()
         self.transport: asyncio.Transport | None = None
@@ -197,7 +200,7 @@ class RespClient:
 
     @staticmethod
     def _send(proto: _Protocol, commands: Sequence[Command]) -> asyncio.Future[list[Any]]:
-        fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[list[Any]] = proto.loop.create_future()
         if proto.transport is None:
             fut.set_exception(ConnectionError(f"Redis connection lost: {proto.lost}"))
             return fut
@@ -224,10 +227,8 @@ class RespClient:
                       raise_errors: bool = True) -> list[Any]:
         """Send ``commands`` in one write; their replies, in order."""
         proto = await self._connection()
-        fut = self._send(proto, commands)
         try:
-            async with asyncio.timeout(self.timeout_s if timeout_s is None else timeout_s):
-                replies = await fut
+            replies = await _within(self._send(proto, commands), self.timeout_s if timeout_s is None else timeout_s)
         except TimeoutError:
             self.drop()  # later replies would be matched to the wrong callers
             raise
@@ -243,8 +244,7 @@ class RespClient:
     async def confirm(self, sent: asyncio.Future[list[Any]], *, raise_errors: bool = True) -> list[Any]:
         """Wait (within the timeout) for the replies of a ``send_now``."""
         try:
-            async with asyncio.timeout(self.timeout_s):
-                replies = await sent
+            replies = await _within(sent, self.timeout_s)
         except TimeoutError:
             self.drop()
             raise
@@ -269,6 +269,21 @@ class RespClient:
 
     async def close(self) -> None:
         self.drop()
+
+
+async def _within(fut: asyncio.Future[list[Any]], timeout_s: float) -> list[Any]:
+    """The future's result, or TimeoutError after ``timeout_s``: one timer on the future's own loop,
+    where ``asyncio.timeout`` costs a context manager, a task lookup and two loop lookups per call."""
+    timer = fut.get_loop().call_later(timeout_s, _time_out, fut, timeout_s)
+    try:
+        return await fut
+    finally:
+        timer.cancel()
+
+
+def _time_out(fut: asyncio.Future[list[Any]], timeout_s: float) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError(f"Redis did not answer within {timeout_s:g}s"))
 
 
 async def listen(url: str, timeout_s: float, channels: Sequence[str],
