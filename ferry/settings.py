@@ -327,8 +327,13 @@ EDGE_ENV_NAMES = frozenset({
 })
 
 
+# Read by `ferry up` itself (ferry.cluster), which passes its environment on to every process.
+LAUNCHER_ENV_NAMES = frozenset({"FERRY_EDGE_BINARY"})
+
+
 def known_env_names() -> set[str]:
-    return {ENV_PREFIX + f.name.upper() for cls in ALL_SETTINGS for f in dataclasses.fields(cls)} | EDGE_ENV_NAMES
+    return ({ENV_PREFIX + f.name.upper() for cls in ALL_SETTINGS for f in dataclasses.fields(cls)}
+            | EDGE_ENV_NAMES | LAUNCHER_ENV_NAMES)
 
 
 def check_env(env: Mapping[str, str]) -> None:

@@ -15,7 +15,7 @@ import pytest
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
-from ferry.cluster import free_port
+from ferry.cluster import edge_binary, free_port
 from ferry.lifecycle import cancel_all
 from tests.conftest import Cluster, require_edge
 
@@ -52,8 +52,12 @@ def test_ferry_up_serves_the_example_and_stops_cleanly(tmp_path: Path, front: st
         require_edge()
     port = free_port()
     edge = ["--edge"] if front == "edge" else []
+    env = _env()
+    if front == "edge":
+        # The documented way to name the binary: `ferry up` and the edge itself both accept it.
+        env["FERRY_EDGE_BINARY"] = edge_binary()
     up = subprocess.Popen([sys.executable, "-m", "ferry.cli", "up", "--grpc-port", str(port), *edge],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT, text=True)
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT, text=True)
     try:
         lines = []
         deadline = time.monotonic() + 60

@@ -54,10 +54,11 @@ func env(name, fallback string) string {
 }
 
 // edgeEnv is every FERRY_EDGE_ variable the edge reads (ferry/settings.py EDGE_ENV_NAMES lists
-// the same): any other is a typo, refused as the Python processes refuse theirs.
+// the same), and FERRY_EDGE_BINARY, which `ferry up` reads and passes on with its environment:
+// any other is a typo, refused as the Python processes refuse theirs.
 var edgeEnv = map[string]bool{"FERRY_EDGE_LISTEN": true, "FERRY_EDGE_UPSTREAM": true, "FERRY_EDGE_GATEWAY_ID": true,
 	"FERRY_EDGE_METRICS_LISTEN": true, "FERRY_EDGE_REUSE_PORT": true, "FERRY_EDGE_CPU_PROFILE": true,
-	"FERRY_EDGE_PROCS": true}
+	"FERRY_EDGE_PROCS": true, "FERRY_EDGE_BINARY": true}
 
 func parseConfig(args []string) (config, redisTarget, error) {
 	for _, kv := range os.Environ() {
