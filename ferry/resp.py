@@ -107,13 +107,11 @@ class _Subscribed(_Protocol):
         super().__init__()
         self.on_message = on_message
 
-    def data_received(self, data: bytes) -> None:
-        self.reader.feed(data)
-        while (reply := self.reader.gets()) is not False:
-            if type(reply) is list and len(reply) == 3 and reply[0] == b"message":
-                self.on_message(reply[1], reply[2])
-            else:
-                self._answer(reply)
+    def _answer(self, reply: Any) -> None:
+        if type(reply) is list and len(reply) == 3 and reply[0] == b"message":
+            self.on_message(reply[1], reply[2])
+        else:
+            super()._answer(reply)
 
 
 class DataClient(Protocol):
