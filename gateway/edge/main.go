@@ -140,7 +140,11 @@ func listen(address string, reuse bool) (net.Listener, error) {
 			return serr
 		}
 	}
-	return lc.Listen(context.Background(), "tcp", address)
+	lis, err := lc.Listen(context.Background(), "tcp", address)
+	if err != nil {
+		return nil, err
+	}
+	return rawListener{lis}, nil
 }
 
 func main() {

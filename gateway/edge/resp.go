@@ -90,6 +90,7 @@ func dialRedis(t redisTarget, timeout time.Duration) (*respConn, error) {
 	if err != nil {
 		return nil, err
 	}
+	c = wrapConn(c)
 	rc := &respConn{c: c, r: bufio.NewReaderSize(c, 1<<16), w: bufio.NewWriterSize(c, 1<<16), timeout: timeout}
 	var hello [][]interface{}
 	if t.password != "" {
