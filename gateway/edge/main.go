@@ -23,6 +23,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime"
+	"runtime/debug"
 	"runtime/pprof"
 	"strconv"
 	"strings"
@@ -126,6 +127,9 @@ func parseConfig(args []string) (config, redisTarget, error) {
 	return c, target, nil
 }
 
+// defaultGCPercent is the edge's GOGC unless the environment sets one.
+const defaultGCPercent = 400
+
 func listen(address string, reuse bool) (net.Listener, error) {
 	lc := net.ListenConfig{}
 	if reuse {
@@ -160,6 +164,12 @@ func main() {
 	}
 	if cfg.procs > 0 {
 		runtime.GOMAXPROCS(cfg.procs)
+	}
+	if _, set := os.LookupEnv("GOGC"); !set {
+		// The live heap is small (the calls in flight), so Go's default (collect when it has
+		// doubled) collects many times a second under load. A fifth as often cost ~9% less CPU
+		// per call (docs/edge.md); GOGC in the environment still decides.
+		debug.SetGCPercent(defaultGCPercent)
 	}
 	if path := os.Getenv("FERRY_EDGE_CPU_PROFILE"); path != "" {
 		// For benchmarking the edge itself: `go tool pprof ferry-edge <path>` after it stops.
