@@ -111,14 +111,23 @@ def _finish(cluster: Cluster, notices: list[DoneNotices]) -> None:
     for n in notices:  # before Redis goes
         n.close()
     # A killed worker's registration lives until its heartbeat TTL; the registry then forgets it.
+    # Wait for that rather than for the zset alone: a test that ends within the TTL of the kill
+    # would otherwise find the registration still there (worker ids are host-pid-random).
+    dead = {str(p.pid) for _, p in cluster.procs if p.poll() is not None}
     r = cluster.redis_client()
+
+    def lingering() -> bool:
+        ids = [k.decode().removeprefix("ferry:worker:") for k in r.scan_iter("ferry:worker:*")]
+        ids += [m.decode() for m in r.zrange("ferry:workers", 0, -1)]
+        return any(i.split("-")[-2] in dead for i in ids)
+
     deadline = time.monotonic() + 10
-    while any(r.get(f"ferry:worker:{i.decode()}") is None for i in r.zrange("ferry:workers", 0, -1)):
+    while lingering():
         assert time.monotonic() < deadline, "a dead worker stayed in the registry"
         time.sleep(0.05)
     codes = cluster.stop()
     assert all(code in (0, -9) for group in codes.values() for code in group), codes
-    assert cluster.leaked_keys() == []
+    assert cluster.leaked_keys() == [], f"{codes}\n{cluster.logs()}"
     cluster.close()
 
 
@@ -186,6 +195,7 @@ def test_a_pool_that_loses_every_worker_hands_its_traffic_to_the_other(repo: Pat
         loader.start()
         time.sleep(0.5)
         cheap.send_signal(signal.SIGKILL)  # its batches stay in the cheap stream, unread or half-run
+        cheap.wait(10)  # dead before _finish looks for its registration
         loader.join(60)
         assert not loader.is_alive()
         # Every request is answered: those the dead worker held are moved to the pricey pool once
@@ -205,6 +215,7 @@ def test_a_model_without_a_live_worker_fails_with_unavailable(repo: Path, tmp_pa
         assert _infer(c, "lonely", 1.0) >= 0
         cheap = _worker_of(cluster, "cheap")
         cheap.send_signal(signal.SIGKILL)
+        cheap.wait(10)  # dead before _finish looks for its registration
         killed = time.monotonic()
         # Keep asking: first the requests wait for the dead worker (its heartbeat has 3 s to
         # expire), then the broker fails what it holds and the gateway refuses new ones.
