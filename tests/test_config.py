@@ -280,3 +280,15 @@ print(json.dumps([one_core_batching({}, cpus=1), one_core_batching({}, cpus=2),
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert json.loads(proc.stdout) == [{"FERRY_JUST_IN_TIME": "false"}, {}, {}]
     assert "one CPU for every process" in proc.stderr
+
+
+def test_ferry_up_behind_the_edge_batches_when_the_worker_is_free() -> None:
+    code = """
+import json
+from ferry.cluster import edge_batching
+print(json.dumps([edge_batching({}), edge_batching({"FERRY_POOL_DEPTH": "3"}),
+                  edge_batching({"FERRY_GATHER_US": "500", "FERRY_POOL_DEPTH": "2"})]))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert json.loads(proc.stdout) == [{"FERRY_GATHER_US": "0", "FERRY_POOL_DEPTH": "1"}, {"FERRY_GATHER_US": "0"}, {}]
+    assert "a batch leaves when the worker is free" in proc.stderr
