@@ -57,6 +57,12 @@ MODES: dict[str, dict[str, str]] = {
     "adaptive": {"FERRY_BATCH_WINDOW": "adaptive"},
     "fixed": {"FERRY_BATCH_WINDOW": "fixed", "FERRY_MAX_QUEUE_DELAY_US": "{fixed_delay_us}"},
     "baseline": {},
+    # The broker's own gather window and pool depth, which `ferry up --edge` replaces (gather_us 0,
+    # pool_depth 1: ferry.cluster.edge_batching): run with --edge against "baseline".
+    "window": {"FERRY_GATHER_US": "2000", "FERRY_POOL_DEPTH": "2"},
+    # Each half of that change alone.
+    "g0d2": {"FERRY_GATHER_US": "0", "FERRY_POOL_DEPTH": "2"},
+    "g2000d1": {"FERRY_GATHER_US": "2000", "FERRY_POOL_DEPTH": "1"},
 }
 DEFAULT_MODES = "adaptive,fixed"
 SLOS_MS = (10.0, 50.0)
@@ -138,7 +144,7 @@ def server_ready(address: str, timeout_s: float) -> bool:
 
 @contextlib.contextmanager
 def ferry_cluster(env_extra: dict[str, str], workers: int, log_path: Path,
-                  ready_timeout_s: float = 90.0, hidden: int = 1024) -> Iterator[str]:
+                  ready_timeout_s: float = 90.0, hidden: int = 1024, edge: bool = False) -> Iterator[str]:
     """``ferry up`` with the example model and ``env_extra``; yields the gateway address.
 
     Stops it with SIGTERM (gateway, broker, workers and Redis stop in turn) and waits,
@@ -156,7 +162,7 @@ def ferry_cluster(env_extra: dict[str, str], workers: int, log_path: Path,
         # Own session: a Ctrl-C on the terminal reaches only this script, which then stops
         # the cluster in order with SIGTERM.
         up = subprocess.Popen([*ferry, "up", "--grpc-port", str(port), "--workers", str(workers),
-                               "--model-repository", str(repo)],
+                               "--model-repository", str(repo), *(["--edge"] if edge else [])],
                               cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.monotonic() + ready_timeout_s
@@ -336,7 +342,8 @@ def markdown(results: dict[str, list[Point]], args: argparse.Namespace, envs: di
         f"Machine: {machine()}. The client (perf_analyzer, open loop: `--async --request-rate-range r:r`, "
         f"{args.distribution} arrivals, batch 1, gRPC, `--max-threads {args.pa_threads}`) shares those cores "
         f"with the servers.",
-        f"Cluster: `ferry up --workers {args.workers}` with the example model `{EXAMPLE_MODEL}`; modes: {env_txt}.",
+        f"Cluster: `ferry up --workers {args.workers}{' --edge' if args.edge else ''}` with the example model "
+        f"`{EXAMPLE_MODEL}`; modes: {env_txt}.",
         f"Each rate: {args.max_trials} windows of {args.interval_ms} ms; {args.repeat} sweep(s) per mode, "
         f"modes in turn, figures are medians. A rate counts when achieved ≥ {100 - RATE_TOLERANCE * 100:.0f}% "
         f"of offered and p99 is within the SLO; after {args.stop_after} rates in a row below offered a mode's "
@@ -414,6 +421,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="FERRY_KNOB=VALUE",
                     help="an extra setting for every mode's cluster (repeatable), e.g. FERRY_POOL_DEPTH=1")
     ap.add_argument("--workers", type=int, default=1, help="Ferry CPU workers (default 1)")
+    ap.add_argument("--edge", action="store_true", help="every cluster behind the native edge (ferry up --edge)")
     ap.add_argument("--stop-after", type=int, default=3,
                     help="stop a mode's sweep after this many rates in a row below offered (default 3)")
     ap.add_argument("--pause-s", type=float, default=1.0, help="pause between rates (default 1)")
@@ -440,7 +448,8 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         urls = {}
         for m in modes:
-            urls[m] = stack.enter_context(ferry_cluster(envs[m], args.workers, logs / f"{m}.log"))
+            urls[m] = stack.enter_context(ferry_cluster(envs[m], args.workers, logs / f"{m}.log",
+                                                            edge=args.edge))
             print(f"{m}: ferry up on {urls[m]} with {envs[m] or 'no extra env'}", flush=True)
             run_rate(pa, urls[m], rates[0], args, 1000)  # warm-up, discarded
         for rep in range(args.repeat):

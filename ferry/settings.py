@@ -184,7 +184,8 @@ class BrokerSettings(CommonSettings):
         2000, "with batch_window=adaptive, the batching window under load: while at least 2 more requests "
         "are expected within it (measured arrival rate) a partial batch waits this long, as a fixed "
         "window would; below that rate it leaves just in time for a worker. 0: never wait for a free "
-        "worker (better closed-loop throughput at moderate concurrency, worse tail latency under load)"
+        "worker (better closed-loop throughput at moderate concurrency, worse tail latency under load "
+        "behind the Python gateway). `ferry up --edge` sets 0: the edge groups requests itself"
     )
     just_in_time: bool = knob(
         True, "with batch_window=adaptive, below the gather rate a partial batch leaves at once for an idle "
@@ -194,7 +195,8 @@ class BrokerSettings(CommonSettings):
     )
     pool_depth: int = knob(
         2, "batches per live worker a pool's stream may hold (one running, the next ready); the rest "
-        "wait in the broker, where they still grow into bigger batches and obey priorities"
+        "wait in the broker, where they still grow into bigger batches and obey priorities. `ferry up --edge` "
+        "sets 1 (all of its processes on one host: a batch leaves when the worker is free)"
     )
     starvation_limit: int = knob(
         8, "a priority level with waiting requests is passed over at most this many batches in a row "
