@@ -205,7 +205,7 @@ def edge_batching(env: dict[str, str]) -> dict[str, str]:
     process on one host a second batch queued behind the running one only splits what would have
     been one bigger batch. So a batch leaves when the worker is free and takes everything queued
     by then, as Triton's batcher does for one model instance: gather_us 0, pool_depth 1. Measured
-    (perf_analyzer, 2 cores, two alternating rounds, docs/benchmarks.md): 1.2-1.5x the throughput
+    (perf_analyzer, 2 cores, two alternating rounds, docs/edge.md): 1.2-1.5x the throughput
     at concurrency 8-32 and 1.04-1.6x at 64, with a lower p50 and p99, pinned to one core and not;
     pool_depth 1 rather than 2 adds 13-19% at concurrency 16 pinned and is even elsewhere. The
     Python gateway does not group as cheaply, and without the window its batches fell to about
