@@ -51,7 +51,7 @@ import heapq
 import itertools
 import math
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from ferry.errors import Code
@@ -269,8 +269,8 @@ class ModelScheduler:
             self._burst = 0
         self._burst += 1
         ahead = self.live_rows + ahead_rows
-        speed = self.speed()
-        if speed > 0 and ahead:
+        # Without a deadline nothing can make it late: skip the arithmetic (most traffic has none).
+        if ahead and req.deadline != math.inf and (speed := self.speed()) > 0:
             # Admission: the rows ahead of it drain at the model's speed; if that wait alone
             # makes it late, say so now rather than at its deadline.
             wait = ahead / speed
@@ -328,7 +328,14 @@ class ModelScheduler:
         self.live += 1
         self.live_rows += req.rows
         self._index[(req.gateway, req.corr)] = req
-        heapq.heappush(self._checks, (self._check_time(req), req.token, req))
+        self._schedule_check(req)
+
+    def _schedule_check(self, req: Request) -> None:
+        # A request with neither deadline nor queue timeout never needs a look: keeping it out of
+        # the heap spares a push per request and a pop or compaction later.
+        when = self._check_time(req)
+        if when != math.inf:
+            heapq.heappush(self._checks, (when, req.token, req))
 
     def cancel(self, gateway: str, corr: int) -> Request | None:
         """Remove a queued request whose client gave up; None if it already left the queue."""
@@ -341,8 +348,7 @@ class ModelScheduler:
     def drop_all(self) -> list[Request]:
         """Take every queued request out (its model lost every pool that could serve it)."""
         out = [r for r in self._index.values() if r.state == QUEUED]
-        for r in out:
-            self._leave(r, DROPPED)
+        self._leave_all(out, DROPPED)
         return out
 
     def _check_time(self, req: Request) -> float:
@@ -352,13 +358,21 @@ class ModelScheduler:
         return when if req.delayed else min(when, req.timeout_at)
 
     def _leave(self, req: Request, state: int) -> None:
-        req.state = state
-        level = self._levels[req.level]
-        level.live -= 1
-        self.live -= 1
-        self.live_rows -= req.rows
-        self._index.pop((req.gateway, req.corr), None)
-        level.tidy()
+        self._leave_all((req,), state)
+
+    def _leave_all(self, reqs: Iterable[Request], state: int) -> None:
+        # Queues are tidied once for all of them: a batch leaves from their heads, so one pass
+        # pops every stale slot it left behind.
+        touched: set[int] = set()
+        for req in reqs:
+            req.state = state
+            self._levels[req.level].live -= 1
+            touched.add(req.level)
+            self.live -= 1
+            self.live_rows -= req.rows
+            self._index.pop((req.gateway, req.corr), None)
+        for i in touched:
+            self._levels[i].tidy()
         _tidy(self._fifo)
         if len(self._checks) > 4 * self.live + 256:
             self._compact()
@@ -376,9 +390,9 @@ class ModelScheduler:
     def expire(self, now: float) -> list[Rejection]:
         """Reject requests that can no longer make their deadline or queue timeout; delay under DELAY."""
         out: list[Rejection] = []
-        checks = self._checks
-        while checks and checks[0][0] <= now:
-            _, token, req = heapq.heappop(checks)
+        # self._checks each time, not a local alias: a _leave below may compact it into a new list.
+        while self._checks and self._checks[0][0] <= now:
+            _, token, req = heapq.heappop(self._checks)
             if req.state != QUEUED or req.token != token:
                 continue
             need = self.latency.expected(req.rows)
@@ -408,7 +422,7 @@ class ModelScheduler:
                         "(queue policy timeout; timeout_action REJECT)")))
                     self._leave(req, DROPPED)
             else:
-                heapq.heappush(checks, (self._check_time(req), req.token, req))
+                self._schedule_check(req)
         return out
 
     def next_check(self) -> float | None:
@@ -487,8 +501,7 @@ class ModelScheduler:
                 lv.skips = 0
             elif lv_index > start and lv.live:
                 lv.skips += 1
-        for r in batch:
-            self._leave(r, TAKEN)
+        self._leave_all(batch, TAKEN)
         return batch
 
     def _fill(self, batch: list[Request], start: int, now: float) -> None:
@@ -503,7 +516,7 @@ class ModelScheduler:
                 if rows + r.rows > self.cap:
                     return
                 by = min(finish_by, r.deadline)
-                if now + self.latency.expected(rows + r.rows) > by:
+                if by != math.inf and now + self.latency.expected(rows + r.rows) > by:
                     return  # a bigger batch would make someone late: it leaves as it is
                 batch.append(r)
                 rows += r.rows
