@@ -10,6 +10,12 @@ example MLP (max batch 32), swept by perf_analyzer with batch-1 gRPC requests:
   to 32 and replayed from one captured CUDA graph);
 * ``cpu``: one worker ``--pool cpu`` (onnx-cpu, one intra-op thread), for scale on the same machine.
 
+``--edge`` puts the native edge (gateway/edge, built by scripts/build-edge; ``$FERRY_EDGE_BINARY``
+names another) in front of the gateway, as ``ferry up --edge`` does: perf_analyzer talks to the edge,
+the Python gateway listens on a private loopback port behind it, and the broker takes the edge's
+batching defaults (``ferry.cluster.EDGE_BATCHING``). One Python gateway carries ~4,000-6,000/s, so
+without the edge every worker looks alike; the rows are then named ``<setup>-edge``.
+
 scripts/gpu-check runs this after the CUDA tests. Needs ``perf_analyzer`` (``--perf-analyzer``,
 default: on PATH, else benchmarks/install_perf_analyzer.sh) and ``redis-server`` on PATH.
 """
@@ -32,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.sweep import median_rows, perf_analyzer, sweep, table  # noqa: E402
-from ferry.cluster import free_port, start_redis, wait_ready  # noqa: E402
+from ferry.cluster import edge_batching, edge_binary, free_port, start_redis, wait_ready  # noqa: E402
 from ferry.example_model import write_repository  # noqa: E402
 
 BATCH_32 = 'parameters { key: "ferry.batch_sizes" value: { string_value: "32" } }\n'
@@ -52,19 +58,29 @@ def repository(root: Path, kind: str, extra: str) -> Path:
 
 
 @contextlib.contextmanager
-def cluster(repo: Path, worker_flags: tuple[str, ...], workers: int, logdir: Path, name: str) -> Iterator[str]:
+def cluster(repo: Path, worker_flags: tuple[str, ...], workers: int, logdir: Path, name: str,
+            edge: str | None = None) -> Iterator[str]:
+    """Redis, broker, workers and one gateway; with ``edge`` (the binary) the native edge in front."""
     redis = start_redis(unix_socket=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("FERRY_") and k != "REDIS_URL"}
     env |= {"FERRY_REDIS_URL": redis.url, "FERRY_MODEL_REPOSITORY": str(repo), "FERRY_METRICS_PORT": "-1",
             "PYTHONUNBUFFERED": "1"}
     port = free_port()
-    roles = [("broker", ()), *[("worker", worker_flags)] * workers,
-             ("gateway", ("--grpc-port", str(port), "--host", "127.0.0.1"))]
+    # Behind the edge the gateway listens on a private port and the broker batches as `ferry up --edge` has it.
+    gateway_port = free_port() if edge else port
+    broker_env = env | edge_batching(env) if edge else env
+    roles: list[tuple[str, tuple[str, ...]]] = [
+        ("broker", ()), *[("worker", worker_flags)] * workers,
+        ("gateway", ("--grpc-port", str(gateway_port), "--host", "127.0.0.1"))]
+    if edge:
+        roles.append(("edge", ("--listen", f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{gateway_port}",
+                               "--redis-url", redis.url)))
     procs = []
     try:
         for i, (role, flags) in enumerate(roles):
             log = open(logdir / f"{name}-{i}-{role}.log", "wb")  # closed with the process, below
-            procs.append((subprocess.Popen([sys.executable, "-m", "ferry.cli", role, *flags], cwd=ROOT, env=env,
+            cmd = [edge, *flags] if edge and role == "edge" else [sys.executable, "-m", "ferry.cli", role, *flags]
+            procs.append((subprocess.Popen(cmd, cwd=ROOT, env=broker_env if role == "broker" else env,
                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True), log))
         deadline = time.monotonic() + 120
         while not wait_ready(f"127.0.0.1:{port}", 1):
@@ -74,7 +90,7 @@ def cluster(repo: Path, worker_flags: tuple[str, ...], workers: int, logdir: Pat
                 raise RuntimeError(f"{name}: not ready; exited: {dead or 'none'} (logs in {logdir})")
         yield f"127.0.0.1:{port}"
     finally:
-        for proc, log in reversed(procs):  # gateway first, then workers, then the broker
+        for proc, log in reversed(procs):  # edge, gateway, then workers, then the broker
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(30)
@@ -93,19 +109,24 @@ def main() -> None:
                     help="perf_analyzer binary (default: $PERF_ANALYZER, PATH, else install)")
     ap.add_argument("--logs", type=Path, default=None, help="keep component logs here (default: a temp dir)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
+    ap.add_argument("--edge", action="store_true",
+                    help="the native edge in front of the gateway (scripts/build-edge, or $FERRY_EDGE_BINARY)")
     args = ap.parse_args()
+    edge = edge_binary() if args.edge else None  # a missing build fails here, before any cluster starts
     pa = args.perf_analyzer or perf_analyzer()
     levels = [int(c) for c in args.levels.split(",")]
     results: dict[str, list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="ferry-gpu-bench-") as tmp:
         logdir = args.logs or Path(tmp) / "logs"
         logdir.mkdir(parents=True, exist_ok=True)
-        for name in args.setups.split(","):
-            kind, extra, flags, workers = SETUPS[name]
+        for setup in args.setups.split(","):
+            kind, extra, flags, workers = SETUPS[setup]
+            name = f"{setup}-edge" if edge else setup
             repo = repository(Path(tmp) / name, kind, extra)
-            print(f"{name}: worker {' '.join(flags)} x{workers}", flush=True)
+            print(f"{name}: worker {' '.join(flags)} x{workers}, front end {'edge + ' if edge else ''}gateway",
+                  flush=True)
             try:
-                with cluster(repo, flags, workers, logdir, name) as url:
+                with cluster(repo, flags, workers, logdir, name, edge) as url:
                     results[name] = median_rows([sweep(pa, url, levels, args.interval_ms)])
             except RuntimeError as exc:  # one setup failing (e.g. CUDA graph capture) must not hide the rest
                 print(f"{name}: FAILED: {exc}", flush=True)
