@@ -35,7 +35,8 @@ def snapshot() -> dict[int, tuple[str, float]]:
         except OSError:
             continue
         if m := re.search(r"ferry\.cli (gateway|broker|worker)", cmd):
-            name = m.group(1)
+            # A broker with its worker in process (`ferry up --edge` by default) counts as both.
+            name = "broker+worker" if "--colocated-worker" in cmd else m.group(1)
         elif "ferry-edge" in cmd:
             name = "edge"
         elif "redis-server" in cmd:

@@ -30,7 +30,7 @@ from benchmarks.cpu_per_request import measure  # noqa: E402
 from benchmarks.sweep import perf_analyzer  # noqa: E402
 from ferry.cluster import free_port, wait_ready  # noqa: E402
 
-ROLES = ("edge", "gateway", "broker", "worker", "redis-server", "perf_analyzer")
+ROLES = ("edge", "gateway", "broker", "worker", "broker+worker", "redis-server", "perf_analyzer")
 
 
 @contextlib.contextmanager

@@ -91,6 +91,11 @@ def _component(ns: argparse.Namespace) -> None:
             from broker.service import Broker
 
             component = Broker(settings, repo)
+            if settings.colocated_worker:
+                from workers.worker import Worker
+
+                await _serve_colocated(component, Worker(_colocated_worker_settings(settings), repo), stop)
+                return
         else:
             from workers.worker import Worker
 
@@ -104,6 +109,33 @@ def _component(ns: argparse.Namespace) -> None:
             watcher.cancel()
 
     lifecycle.run(main)
+
+
+def _colocated_worker_settings(broker: cfg.BrokerSettings) -> cfg.WorkerSettings:
+    """The in-process worker's settings: its own knobs from the environment, as `ferry worker` reads
+    them; what both share (Redis, repository, timeouts, logging, grace) from the broker's, flags included."""
+    common = {f.name: getattr(broker, f.name) for f in dataclasses.fields(cfg.CommonSettings)}
+    return cfg.build(cfg.WorkerSettings, common)
+
+
+async def _serve_colocated(broker: Any, worker: Any, stop: asyncio.Event) -> None:
+    """A broker and a worker on one event loop (the worker's model runs on its compute thread).
+
+    They stop in the order `ferry up` stops separate processes: the broker first, handing over
+    what it holds, then the worker, which runs what was handed over. Either ending on its own (an
+    error) stops the other, and its error is raised."""
+    tasks = [asyncio.create_task(broker.run(), name="broker"), asyncio.create_task(worker.run(), name="worker")]
+    watcher = asyncio.create_task(stop.wait(), name="stop")
+    try:
+        await asyncio.wait([*tasks, watcher], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        for component, task in zip((broker, worker), tasks, strict=True):
+            component.stop()
+            await asyncio.wait([task])
+    for task in tasks:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            raise exc
 
 
 def _channel(ns: argparse.Namespace, address: str) -> Any:
@@ -194,6 +226,9 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--edge", action="store_true",
                     help="put the native edge (Go; scripts/build-edge) in front of each gateway: it queues plain "
                     "inference calls itself at a fraction of the gateway's CPU and relays the rest (docs/edge.md)")
+    up.add_argument("--colocate", action=argparse.BooleanOptionalAction, default=None,
+                    help="run the first worker inside the broker's process (one process fewer per batch; "
+                    "default: with --edge)")
     up.add_argument("--redis-url", default=None,
                     help="use this Redis instead of starting one [env REDIS_URL / FERRY_REDIS_URL]")
     inf = sub.add_parser("infer", help="send one request with random inputs and print the result")
@@ -302,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg.check_env(os.environ)
             redis_url = ns.redis_url or os.environ.get("FERRY_REDIS_URL") or os.environ.get("REDIS_URL")
-            return up(ns.model_repository, ns.grpc_port, ns.workers, ns.host, redis_url, ns.gateways, ns.edge)
+            return up(ns.model_repository, ns.grpc_port, ns.workers, ns.host, redis_url, ns.gateways, ns.edge,
+                      ns.colocate)
         elif ns.command == "infer":
             _infer(ns)
         elif ns.command == "example-model":

@@ -203,6 +203,11 @@ class BrokerSettings(CommonSettings):
         "(plus one per higher level)"
     )
     read_count: int = knob(4096, "most request groups read from Redis in one call")
+    colocated_worker: bool = knob(
+        False, "also run one worker in this process, configured as `ferry worker` is by its FERRY_* variables "
+        "(pool, runtime, ...) and sharing this broker's Redis, repository, logging and metrics: one process "
+        "fewer on every batch's path. `ferry up --edge` does this for its first worker (docs/edge.md)"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -292,3 +292,32 @@ print(json.dumps([edge_batching({}), edge_batching({"FERRY_POOL_DEPTH": "3"}),
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert json.loads(proc.stdout) == [{"FERRY_GATHER_US": "0", "FERRY_POOL_DEPTH": "1"}, {"FERRY_GATHER_US": "0"}, {}]
     assert "a batch leaves when the worker is free" in proc.stderr
+
+
+def test_ferry_up_runs_the_first_worker_in_the_broker_process_behind_the_edge() -> None:
+    code = """
+import json
+from ferry.cluster import colocation
+print(json.dumps([colocation(None, 1, True), colocation(None, 1, False), colocation(False, 1, True),
+                  colocation(True, 2, False), colocation(None, 0, True)]))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert json.loads(proc.stdout) == [True, False, False, True, False]
+    assert proc.stderr.count("the broker process also runs the first worker") == 2
+
+
+def test_a_colocated_worker_takes_its_own_knobs_from_the_environment_and_the_shared_ones_from_the_broker(
+        tmp_path: Path) -> None:
+    code = """
+from pathlib import Path
+from ferry import settings as cfg
+from ferry.cli import _colocated_worker_settings
+broker = cfg.build(cfg.BrokerSettings, {"redis_url": "redis://10.0.0.1:7000/2", "log_level": "DEBUG"})
+w = _colocated_worker_settings(broker)
+print(w.redis_url, w.log_level, w.pool, w.coalesce, w.model_repository)
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FERRY_")}
+    env |= {"FERRY_POOL": "gpu", "FERRY_COALESCE": "3", "FERRY_MODEL_REPOSITORY": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["redis://10.0.0.1:7000/2", "DEBUG", "gpu", "3", str(tmp_path)]

@@ -73,6 +73,7 @@ def test_ferry_up_serves_the_example_and_stops_cleanly(tmp_path: Path, front: st
         assert f"127.0.0.1:{port}" in text and "ferry infer" in text, text
         assert ("native edge x1" in text) == (front == "edge"), text
         assert ("a batch leaves when the worker is free" in text) == (front == "edge"), text
+        assert ("the broker process also runs the first worker" in text) == (front == "edge"), text
         out = subprocess.run([sys.executable, "-m", "ferry.cli", "infer", "--url", f"127.0.0.1:{port}"],
                              capture_output=True, text=True, timeout=30, env=_env(), cwd=ROOT)
         assert out.returncode == 0, out.stderr

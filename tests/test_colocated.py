@@ -1,0 +1,75 @@
+"""A broker that runs its worker in process (`ferry broker --colocated-worker`), as `ferry up --edge`
+starts it: same answers, same batching, and a stop that drains into its own worker."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.grpc as tc
+
+from tests.conftest import Cluster, require_edge
+
+
+@pytest.fixture(params=[False, True], ids=["gateway", "edge"])
+def colocated(request: pytest.FixtureRequest, repo: Path, tmp_path: Path) -> Iterator[Cluster]:
+    if request.param:
+        require_edge()
+    c = Cluster(repo, tmp_path, workers=0, broker_args=("--colocated-worker",), edge=request.param)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def _mlp(client: tc.InferenceServerClient, x: np.ndarray) -> np.ndarray:
+    inp = tc.InferInput("INPUT0", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    out = client.infer("mlp", [inp]).as_numpy("OUTPUT0")
+    assert out is not None
+    return out
+
+
+def _stats(c: Cluster) -> dict[str, Any]:
+    stats: dict[str, Any] = c.client().get_inference_statistics("mlp", as_json=True)["model_stats"][0]
+    return stats
+
+
+def test_it_answers_exactly_in_batches_and_stops_cleanly(colocated: Cluster, repo: Path) -> None:
+    xs = [np.random.default_rng(i).standard_normal((1, 256)).astype(np.float32) for i in range(96)]
+    with ThreadPoolExecutor(32) as pool:
+        outs = list(pool.map(lambda x: _mlp(colocated.client(), x), xs))
+    sess = ort.InferenceSession(str(repo / "mlp" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    for x, got in zip(xs, outs, strict=True):
+        assert got.tobytes() == sess.run(None, {"INPUT0": x})[0].tobytes()
+    # The worker flushes statistics on its own timer: wait for this test's 96.
+    deadline = time.monotonic() + 10
+    while int(_stats(colocated).get("inference_count", 0)) < 96:
+        assert time.monotonic() < deadline, colocated.logs()
+        time.sleep(0.05)
+    stats = _stats(colocated)
+    assert int(stats["execution_count"]) < int(stats["inference_count"]), stats  # batches formed
+    colocated.stop_cleanly()  # every process exits 0, no key left behind
+    log = "".join(p.read_text() for p in colocated.logdir.glob("broker-*.log"))
+    assert "ferry.broker: broker" in log and "ferry.worker: worker" in log, log  # both ran, in one process
+
+
+def test_stopping_it_hands_over_what_the_broker_holds_and_its_worker_runs_it(colocated: Cluster) -> None:
+    """SIGTERM mid-load: the broker drains into the pool first, then its worker runs every batch."""
+    x = tc.InferInput("x", [1], "FP32")
+    x.set_data_from_numpy(np.ones(1, np.float32))
+    with ThreadPoolExecutor(12) as pool:
+        # "slow" runs one request per batch for tens of ms, so most calls wait in the broker.
+        futures = [pool.submit(lambda: colocated.client().infer("slow", [x], client_timeout=60).as_numpy("y"))
+                   for _ in range(12)]
+        time.sleep(0.3)  # not synchronisation: every call is checked below, whatever got queued by then
+        assert colocated.stop_role("broker") == [0], colocated.logs()
+        done = [f.result(timeout=60) for f in futures]
+    assert all(d is not None and d.shape == (1,) for d in done)
+    colocated.stop_cleanly()
