@@ -228,7 +228,7 @@ def parser() -> argparse.ArgumentParser:
                     "inference calls itself at a fraction of the gateway's CPU and relays the rest (docs/edge.md)")
     up.add_argument("--colocate", action=argparse.BooleanOptionalAction, default=None,
                     help="run the first worker inside the broker's process (one process fewer per batch; "
-                    "default: with --edge)")
+                    "default: with --edge on fewer than 4 usable CPUs)")
     up.add_argument("--redis-url", default=None,
                     help="use this Redis instead of starting one [env REDIS_URL / FERRY_REDIS_URL]")
     inf = sub.add_parser("infer", help="send one request with random inputs and print the result")

@@ -229,17 +229,23 @@ def _edge_check(env: dict[str, str]) -> str:
     return edge_binary()
 
 
-def colocation(colocate: bool | None, workers: int, edge_queues: bool) -> bool:
+# Below this many usable CPUs the processes on a batch's path (edge, Redis, broker, worker) share cores.
+COLOCATE_BELOW_CPUS = 4
+
+
+def colocation(colocate: bool | None, workers: int, edge_queues: bool, cpus: int) -> bool:
     """Whether `ferry up` runs its first worker inside the broker's process (`--colocate`).
 
-    Every batch costs each process on its path a wake-up, and on a small host those processes
-    share cores: on 2 cores behind the edge one process fewer gave up to 24% more throughput at
+    Every batch costs each process on its path a wake-up, and where those processes share cores
+    one process fewer pays: on 2 cores behind the edge it gave up to 24% more throughput at
     concurrency 1-32 pinned to one core and up to 30% at 64 unpinned, with p50 at concurrency 1
     down by ~0.1-0.2 ms (three rounds, docs/edge.md); the pinned peak did not move. The broker's
-    Python and the worker's share one interpreter lock, but the model runs on the worker's compute
-    thread without it. Default: with the edge queueing calls itself (not measured behind the
-    Python gateway, whose own CPU is the limit there)."""
-    wanted = edge_queues if colocate is None else colocate
+    Python and the worker's then share one interpreter lock (the model runs on the worker's compute
+    thread without it), which on a big host, where each process has a core of its own, could cap
+    the broker below what it reaches alone: not measured, so the default is on only below
+    COLOCATE_BELOW_CPUS usable CPUs, and only with the edge queueing calls itself (behind the
+    Python gateway its own CPU is the limit; not measured either)."""
+    wanted = edge_queues and cpus < COLOCATE_BELOW_CPUS if colocate is None else colocate
     if wanted and workers >= 1:
         print("ferry up: the broker process also runs the first worker (--no-colocate: separate processes)",
               file=sys.stderr)
@@ -271,7 +277,7 @@ def up(model_repository: Path | None, grpc_port: int, workers: int, host: str, r
     # With tokens the edge relays every call to the Python gateway, which then does the grouping.
     relayed = not binary or bool(env.get("FERRY_AUTH_TOKENS_FILE"))
     broker_env = env | (one_core_batching(env, cpus) if relayed else edge_batching(env))
-    together = colocation(colocate, workers, not relayed)
+    together = colocation(colocate, workers, not relayed, cpus)
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
     stopping = False
     grpc_port = grpc_port or free_port()

@@ -1,5 +1,5 @@
 """A broker that runs its worker in process (`ferry broker --colocated-worker`), as `ferry up --edge`
-starts it: same answers, same batching, and a stop that drains into its own worker."""
+starts it on a small host: same answers, same batching, and a stop that drains into its own worker."""
 
 from __future__ import annotations
 

@@ -298,11 +298,11 @@ def test_ferry_up_runs_the_first_worker_in_the_broker_process_behind_the_edge() 
     code = """
 import json
 from ferry.cluster import colocation
-print(json.dumps([colocation(None, 1, True), colocation(None, 1, False), colocation(False, 1, True),
-                  colocation(True, 2, False), colocation(None, 0, True)]))
+print(json.dumps([colocation(None, 1, True, 2), colocation(None, 1, False, 2), colocation(False, 1, True, 1),
+                  colocation(True, 2, False, 16), colocation(None, 0, True, 2), colocation(None, 1, True, 4)]))
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
-    assert json.loads(proc.stdout) == [True, False, False, True, False]
+    assert json.loads(proc.stdout) == [True, False, False, True, False, False]
     assert proc.stderr.count("the broker process also runs the first worker") == 2
 
 
