@@ -119,7 +119,7 @@ def _colocated_worker_settings(broker: cfg.BrokerSettings) -> cfg.WorkerSettings
 
 
 async def _serve_colocated(broker: Any, worker: Any, stop: asyncio.Event) -> None:
-    """A broker and a worker on one event loop (the worker's model runs on its compute thread).
+    """A broker and a worker on one event loop (the model runs on it too, unless compute_thread).
 
     They stop in the order `ferry up` stops separate processes: the broker first, handing over
     what it holds, then the worker, which runs what was handed over. Either ending on its own (an

@@ -239,12 +239,12 @@ def colocation(colocate: bool | None, workers: int, edge_queues: bool, cpus: int
     Every batch costs each process on its path a wake-up, and where those processes share cores
     one process fewer pays: on 2 cores behind the edge it gave up to 24% more throughput at
     concurrency 1-32 pinned to one core and up to 30% at 64 unpinned, with p50 at concurrency 1
-    down by ~0.1-0.2 ms (three rounds, docs/edge.md); the pinned peak did not move. The broker's
-    Python and the worker's then share one interpreter lock (the model runs on the worker's compute
-    thread without it), which on a big host, where each process has a core of its own, could cap
-    the broker below what it reaches alone: not measured, so the default is on only below
+    down by ~0.1-0.2 ms (three rounds, docs/edge.md); the pinned peak did not move. But broker,
+    worker and (by default) the model then share one thread: on a 16-core host with four edges
+    that thread saturated at ~95% of a core and colocation gave 11-19% less (9,185-9,680/s against
+    10,788-11,460/s, p99 44-48 ms against 29 at concurrency 256). So the default is on only below
     COLOCATE_BELOW_CPUS usable CPUs, and only with the edge queueing calls itself (behind the
-    Python gateway its own CPU is the limit; not measured either)."""
+    Python gateway its own CPU is the limit; not measured)."""
     wanted = edge_queues and cpus < COLOCATE_BELOW_CPUS if colocate is None else colocate
     if wanted and workers >= 1:
         print("ferry up: the broker process also runs the first worker (--no-colocate: separate processes)",
