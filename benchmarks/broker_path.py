@@ -12,15 +12,15 @@ this (wake-ups, a cold cache on a shared core: benchmarks/cpu_per_request.py mea
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from broker.messages import GROUP_STRIDE, Member, Queued, batch_fields, group_fields, parse_group
-from broker.scheduler import Entry, ModelScheduler, Request
+from broker.messages import Member, Queued, batch_fields, group_fields, parse_group
+from broker.scheduler import ModelScheduler
+from broker.service import group_requests
 
 
 def one_group(sched: ModelScheduler, fields: dict[bytes, bytes]) -> None:
@@ -28,14 +28,8 @@ def one_group(sched: ModelScheduler, fields: dict[bytes, bytes]) -> None:
     now, wall = time.monotonic(), time.time_ns()
     g = parse_group(fields)
     n = len(g.payloads)
-    entry = Entry(b"1-1", n, n)
-    for i in range(n):
-        corr, rows, deadline_ns, timeout_ns = g.members[i * GROUP_STRIDE:(i + 1) * GROUP_STRIDE]
-        sched.add(Request(
-            entry, g.gateway, corr, rows, g.enqueued_ns, now,
-            deadline=now + (deadline_ns - wall) / 1e9 if deadline_ns else math.inf,
-            timeout_at=now + (timeout_ns - wall) / 1e9 if timeout_ns else math.inf,
-            level=g.level, shape=g.shape, payload=g.payloads[i]))
+    for req in group_requests(g, b"1-1", now, wall, levels=1):
+        sched.add(req)
     sched.expire(now)
     batch = sched.take(now)
     if len(batch) != n:

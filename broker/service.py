@@ -52,6 +52,7 @@ from broker import keys, scripts
 from broker.liveness import LiveWorkers
 from broker.messages import (
     GROUP_STRIDE,
+    Group,
     Member,
     Stat,
     batch_fields,
@@ -274,18 +275,8 @@ class Broker:
                     continue
                 g = parse_group(fields)
                 model.sched.note_holding(g.gateway, g.holding, now)
-                n = len(g.payloads)
-                entry = Entry(entry_id, n, n)
-                flat = g.members
-                for i in range(n):
-                    corr, rows, deadline_ns, timeout_ns = flat[i * GROUP_STRIDE : (i + 1) * GROUP_STRIDE]
-                    model.sched.add(Request(
-                        entry, g.gateway, corr, rows, g.enqueued_ns, now,
-                        deadline=now + (deadline_ns - wall) / 1e9 if deadline_ns else math.inf,
-                        timeout_at=now + (timeout_ns - wall) / 1e9 if timeout_ns else math.inf,
-                        level=min(g.level, levels - 1), shape=g.shape, payload=g.payloads[i],
-                        trace=g.traces[i] if g.traces else "",
-                    ), ahead_rows=ahead)
+                for req in group_requests(g, entry_id, now, wall, levels):
+                    model.sched.add(req, ahead_rows=ahead)
 
     async def _reclaimer(self) -> None:
         me = self.settings.broker_id
@@ -715,6 +706,25 @@ def _no_worker_message(model: _Model) -> str:
     pools = [p.name for p, _ in model.options]
     return (f"model {model.mv.name!r} v{model.mv.version} has no live worker in pool(s) {', '.join(pools)}; "
             f"start one with `ferry worker --pool {pools[0]}`")
+
+
+def group_requests(g: Group, entry_id: bytes, now: float, wall_ns: int, levels: int) -> list[Request]:
+    """A request group's requests as the scheduler queues them, sharing one Entry (acknowledged
+    once all have left the queue); wall-clock deadlines become monotonic ones on this clock."""
+    n = len(g.payloads)
+    entry = Entry(entry_id, n, n)
+    flat = g.members
+    out = []
+    for i in range(n):
+        corr, rows, deadline_ns, timeout_ns = flat[i * GROUP_STRIDE : (i + 1) * GROUP_STRIDE]
+        out.append(Request(
+            entry, g.gateway, corr, rows, g.enqueued_ns, now,
+            deadline=now + (deadline_ns - wall_ns) / 1e9 if deadline_ns else math.inf,
+            timeout_at=now + (timeout_ns - wall_ns) / 1e9 if timeout_ns else math.inf,
+            level=min(g.level, levels - 1), shape=g.shape, payload=g.payloads[i],
+            trace=g.traces[i] if g.traces else "",
+        ))
+    return out
 
 
 def _wall_ns(deadline: float, now: float) -> int:

@@ -86,27 +86,19 @@ def _component(ns: argparse.Namespace) -> None:
 
             await serve(settings, repo, stop)
             return
-        component: Any
+        from workers.worker import Worker
+
+        components: list[Any]
         if isinstance(settings, cfg.BrokerSettings):
             from broker.service import Broker
 
-            component = Broker(settings, repo)
+            components = [Broker(settings, repo)]
             if settings.colocated_worker:
-                from workers.worker import Worker
-
-                await _serve_colocated(component, Worker(_colocated_worker_settings(settings), repo), stop)
-                return
+                components.append(Worker(_colocated_worker_settings(settings), repo))
         else:
-            from workers.worker import Worker
-
             assert isinstance(settings, cfg.WorkerSettings)
-            component = Worker(settings, repo)
-        watcher = asyncio.create_task(stop.wait())
-        watcher.add_done_callback(lambda _: component.stop())
-        try:
-            await component.run()
-        finally:
-            watcher.cancel()
+            components = [Worker(settings, repo)]
+        await _serve_in_order(components, stop)
 
     lifecycle.run(main)
 
@@ -118,19 +110,20 @@ def _colocated_worker_settings(broker: cfg.BrokerSettings) -> cfg.WorkerSettings
     return cfg.build(cfg.WorkerSettings, common)
 
 
-async def _serve_colocated(broker: Any, worker: Any, stop: asyncio.Event) -> None:
-    """A broker and a worker on one event loop (the model runs on it too, unless compute_thread).
+async def _serve_in_order(components: list[Any], stop: asyncio.Event) -> None:
+    """Run components (a broker, a worker, or a broker and its colocated worker) on one event loop
+    (the model runs on it too, unless compute_thread) until ``stop`` or until one ends on its own
+    (an error), whose error is then raised.
 
-    They stop in the order `ferry up` stops separate processes: the broker first, handing over
-    what it holds, then the worker, which runs what was handed over. Either ending on its own (an
-    error) stops the other, and its error is raised."""
-    tasks = [asyncio.create_task(broker.run(), name="broker"), asyncio.create_task(worker.run(), name="worker")]
+    They stop one after another in the given order, the order `ferry up` stops separate processes:
+    the broker first, handing over what it holds, then the worker, which runs what was handed over."""
+    tasks = [asyncio.create_task(c.run(), name=type(c).__name__) for c in components]
     watcher = asyncio.create_task(stop.wait(), name="stop")
     try:
         await asyncio.wait([*tasks, watcher], return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
-        for component, task in zip((broker, worker), tasks, strict=True):
+        for component, task in zip(components, tasks, strict=True):
             component.stop()
             await asyncio.wait([task])
     for task in tasks:
