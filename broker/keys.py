@@ -6,7 +6,9 @@ a cluster too)::
 
     ferry:{m:<model>}:v<version>:requests   STREAM  requests waiting for the broker.
                                             Group ``brokers``. Entries are XDELed
-                                            once their batch is on a pool stream.
+                                            once their batch is on a pool stream (or,
+                                            handed to a broker's own worker in-process,
+                                            once its replies are written: broker.handoff).
     ferry:{m:<model>}:v<version>:queued     STRING  requests in request-stream entries not yet
                                             acknowledged by a broker: the queue that
                                             max_queue_size bounds.  Changed only by

@@ -44,6 +44,8 @@ deadlines by as much).
 
    Payloads stay separate fields, so forming a batch copies no tensor bytes
    in the broker; the worker joins them along the batch dimension once.
+   A broker hands its own worker's batches over in-process (broker.handoff):
+   those have no batch entry and no done notice (item 5).
 
 4. Reply bundle (worker or broker -> ``reply_list``, via scripts.PUSH_REPLY): every
    reply of one batch for one gateway, each ``<u32 length><u64 corr><u8 status code><body>`` where body

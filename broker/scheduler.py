@@ -141,7 +141,12 @@ class Entry:
 
     entry_id: bytes
     count: int  # requests it carried (what the model's queue counter holds for it)
-    remaining: int
+    remaining: int  # of them not yet handled
+    # Unconfirmed writes that handled some of them, and how many of those are a colocated worker's
+    # replies (broker.handoff.Settling); whether its acknowledgement is written or on its way.
+    settling: int = 0
+    settling_replies: int = 0
+    acked: bool = False
 
 
 @dataclass(slots=True, eq=False)
@@ -162,6 +167,7 @@ class Request:
     doomed: float = 0.0  # > 0: the queue ahead needs this long, past its deadline: reject at once
     token: int = 0  # changes whenever it is (re)placed: older copies in deques and heaps are stale
     trace: str = ""  # W3C traceparent of its request span ('' = not traced)
+    taken_over: bool = False  # claimed from a dead broker or taken back: never handed in-process
 
 
 @dataclass(slots=True)

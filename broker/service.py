@@ -33,6 +33,10 @@ then per model scripts.ACK_REQUESTS for the entries that are fully handled,
 and the rejections' replies.  The batches are written before their requests
 are acknowledged, so a broker that dies in between leaves them pending, not
 lost.
+
+A broker that runs its pool's worker in its own process (``--colocated-worker``)
+hands that pool's batches over in-process instead (broker.handoff): no batch
+entry, no done notice, and the worker's replies acknowledge the requests.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from broker import keys, scripts
+from broker.handoff import HANDED, Acks, HandedBatch, Handoff, Settled, Settling, ack_commands, is_handed
 from broker.liveness import LiveWorkers
 from broker.messages import (
     GROUP_STRIDE,
@@ -114,9 +119,14 @@ class _Model:
 
 
 class Broker:
-    def __init__(self, settings: BrokerSettings, repo: Repository) -> None:
+    def __init__(self, settings: BrokerSettings, repo: Repository, handoff: Handoff | None = None) -> None:
         self.settings = settings
         self.repo = repo
+        # The worker in this process, if any (broker.handoff): its pool's batches go to it directly.
+        self.handoff = handoff
+        if handoff is not None:
+            handoff.attach(self._handed_finished, self._handed_confirmed, self._handed_lost)
+        self._handed_seq = 0
         self.redis = connect(settings.redis_url, settings.redis_timeout_s)
         self._reads = data_client(settings.redis_url, settings.redis_timeout_s + IDLE_BLOCK_MS / 1000)
         self._writes = data_client(settings.redis_url, settings.redis_timeout_s)
@@ -253,7 +263,8 @@ class Broker:
                 log.warning("consumer groups are gone (%s); recreating them", exc)
                 await self.setup()
 
-    def _take_in(self, resp: list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]) -> None:
+    def _take_in(self, resp: list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]], *,
+                 taken_over: bool = False) -> None:
         now = time.monotonic()
         wall = time.time_ns()
         for stream, entries in resp:
@@ -276,6 +287,7 @@ class Broker:
                 g = parse_group(fields)
                 model.sched.note_holding(g.gateway, g.holding, now)
                 for req in group_requests(g, entry_id, now, wall, levels):
+                    req.taken_over = taken_over
                     model.sched.add(req, ahead_rows=ahead)
 
     async def _reclaimer(self) -> None:
@@ -297,7 +309,8 @@ class Broker:
                         log.warning("took over %d request entr(ies) of %s from dead brokers, and %d of its own "
                                     "that Redis brought back (lost writes)", len(claimed), model.mv.name,
                                     len(forgotten))
-                        self._take_in([(stream, [(c.entry_id, c.fields) for c in claimed + forgotten])])
+                        self._take_in([(stream, [(c.entry_id, c.fields) for c in claimed + forgotten])],
+                                      taken_over=True)
                         self._kick.set()
                     if passes % FORGET_EVERY == FORGET_EVERY - 1:
                         await forget_dead_consumers(self._writes, model.stream, keys.BROKER_GROUP, live,
@@ -328,11 +341,16 @@ class Broker:
             metrics.OLDEST_AGE.labels(pool.name).set(max(0.0, age))
 
     @staticmethod
-    def _release(model: _Model, req: Request) -> None:
-        """A request left the queue; its entry is acknowledged once all of its requests have."""
+    def _release(model: _Model, req: Request, settling: Settling | None = None) -> None:
+        """A request left the queue, handled by the write ``settling`` is building (None: it needs no
+        write, a cancellation); its entry is acknowledged once all of its requests are handled."""
+        if settling is not None:
+            settling.settle(model, req)
+            return
         entry = req.entry
         entry.remaining -= 1
-        if entry.remaining == 0:
+        if entry.remaining == 0 and entry.settling == 0 and not entry.acked:
+            entry.acked = True
             model.done.append(entry)
 
     # --- completions --------------------------------------------------------------------
@@ -365,8 +383,12 @@ class Broker:
         pool = self._by_channel.get(channel)
         if pool is None:
             return
+        self._finished(pool, self._by_key.get((model_name, version)), ids, rows, compute_ns, now)
+
+    def _finished(self, pool: Pool, model: _Model | None, ids: list[bytes], rows: int, compute_ns: int,
+                  now: float, *, late_kick: bool = False) -> None:
+        """Batches ``ids`` of ``pool`` are done: room in the pool, and what the model's latency model learns."""
         sent = [t for i in ids if (t := pool.finished(i, now)) is not None]
-        model = self._by_key.get((model_name, version))
         lat = model.latency_on(pool.name) if model is not None else None
         if model is not None and lat is not None and rows > 0:
             model.sched.observe_done(rows, now)
@@ -378,7 +400,60 @@ class Broker:
         # The room it freed matters only to queued requests: with none, a dispatch round would find
         # nothing to do (at low load, one wasted round per request).
         if any(m.sched.live for m in self._model_list):
-            self._kick.set()
+            if late_kick:
+                asyncio.get_running_loop().call_soon(self._kick.set)
+            else:
+                self._kick.set()
+
+    # --- batches handed to the worker in this process (broker.handoff) -----------------------
+
+    def _hand(self, model: _Model, pool: Pool, batch: list[Request], members: list[Member], trace: str) -> bool:
+        """Give ``batch`` to the worker in this process, if it runs ``pool`` and has room."""
+        handoff = self.handoff
+        if handoff is None or pool.name != handoff.pool or not handoff.has_room() or any(
+                r.taken_over for r in batch):
+            return False
+        self._handed_seq += 1
+        batch_id = HANDED + b"%d" % self._handed_seq
+        rows = sum(r.rows for r in batch)
+        lat = model.latency_on(pool.name)
+        pool.dispatched(batch_id, time.monotonic(), rows, lat.compute(rows) if lat is not None else 0.0,
+                        self._workers(pool.name), model.stream.encode())
+        handoff.hand(HandedBatch(batch_id, model.mv.name, model.mv.version, members, trace, batch))
+        self.batches_sent += 1
+        self._count([(model, pool, batch)], [])
+        return True
+
+    def _handed_finished(self, batch: HandedBatch, rows: int, compute_ns: int) -> Settled:
+        model = self._by_key[(batch.model, batch.version)]
+        assert self.handoff is not None
+        self._finished(self._pools[self.handoff.pool], model, [batch.batch_id], rows, compute_ns, time.monotonic(),
+                       late_kick=True)
+        settling = Settling(replies=True)
+        for r in batch.requests:
+            settling.settle(model, r)
+        settling.seal()
+        return Settled(ack_commands(settling.ready, keys.BROKER_GROUP, self._sha_ack), settling, settling.ready)
+
+    def _handed_confirmed(self, settled: Settled) -> Settled | None:
+        """The worker's pipeline is confirmed: the entries it acknowledged are gone; the ones it waited
+        for may now be acknowledged, by a follow-up on the same connection."""
+        for acks, entry in settled.acked:
+            acks.held.discard(entry.entry_id)
+        ready = settled.settling.finish()
+        if not ready:
+            return None
+        return Settled(ack_commands(ready, keys.BROKER_GROUP, self._sha_ack), Settling(replies=True), ready)
+
+    @staticmethod
+    def _handed_lost(settled: Settled) -> None:
+        """The worker could not write a handed batch's replies (a bug): once not held, its request
+        entries are taken back by broker.reclaim.claim_forgotten and run again."""
+        entries: list[tuple[Acks, Entry]] = [*settled.acked, *settled.settling.waiting]
+        settled.settling.finish()
+        for acks, entry in entries:
+            if entry.remaining == 0:
+                acks.held.discard(entry.entry_id)
 
     # --- dispatching ---------------------------------------------------------------------
 
@@ -407,6 +482,8 @@ class Broker:
             wait = self._next_wake(time.monotonic())
             if wait > 0:
                 await self._kick.wait(wait)
+            else:
+                await asyncio.sleep(0)  # a round that handed batches in-process awaited nothing
 
     def _workers(self, pool: str) -> int:
         return self.live.pools[pool]
@@ -429,7 +506,7 @@ class Broker:
     def _next_wake(self, now: float) -> float:
         wake = now + IDLE_BLOCK_MS / 1000
         for pool in self._pools.values():
-            if self._room(pool) <= 0 and pool.unfinished:
+            if self._room(pool) <= 0 and any(not is_handed(b) for b in pool.unfinished):
                 wake = min(wake, pool.checked + RESYNC_S)  # waiting for room: check for lost notices
         for model in self._model_list:
             sched = model.sched
@@ -452,12 +529,13 @@ class Broker:
         commands: list[list[bytes | str | int]] = []
         sent: list[tuple[_Model, Pool, list[Request]]] = []
         rejections: list[tuple[_Model, Rejection]] = []
+        settling = Settling()  # the request entries this round's writes handle requests of
         for model in self._model_list:
             self._use_fastest(model)
             for rej in model.sched.expire(now):
                 rejections.append((model, rej))
-                self._release(model, rej.request)
-            rejections += self._unserved(model, now, drain)
+                self._release(model, rej.request, settling)
+            rejections += self._unserved(model, now, drain, settling)
         for model, pool, batch in self._form(now, drain):
             members = [Member(r.gateway, r.corr, r.rows, r.enqueued_ns,
                               _wall_ns(r.deadline, now), r.payload, r.trace) for r in batch]
@@ -467,13 +545,18 @@ class Broker:
                     [(r.trace, r.enqueued_ns) for r in batch], time.time_ns(),
                     {"ferry.model": model.mv.name, "ferry.pool": pool.name, "ferry.rows": sum(r.rows for r in batch),
                      "ferry.requests": len(batch)})
+            if self._hand(model, pool, batch, members, trace):
+                continue  # settled by the worker's replies, not by this round
             xadd: list[bytes | str | int] = ["XADD", pool.stream, "*"]
             for f, v in batch_fields(model.mv.name, model.mv.version, batch[0].shape, members, trace=trace).items():
                 xadd += (f, v)
             commands.append(xadd)
             sent.append((model, pool, batch))
             for r in batch:
-                self._release(model, r)
+                self._release(model, r, settling)
+        settling.seal()
+        for owner, entry in settling.ready:
+            owner.done.append(entry)
         commands += self._wake_commands(now)
         check = [pool for pool in self._pools.values()
                  if pool.unfinished and self._room(pool) <= 0 and now - pool.checked >= RESYNC_S]
@@ -484,11 +567,15 @@ class Broker:
                 commands.append(["EVALSHA", self._sha_ack, 2, model.stream, model.counter, keys.BROKER_GROUP,
                                  count, *(e.entry_id for e in model.done)])
                 acks.append(model)
+        taken = [(model, model.done) for model in acks]
+        for model in acks:
+            model.done = []  # a handed batch's replies may settle more entries while this round is out
         commands += self._rejection_commands(rejections)
         # Entries still in the stream are unfinished; the others' done notices were lost.
-        checked = [(pool, entry_id) for pool in check for entry_id in pool.unfinished]
+        checked = [(pool, entry_id) for pool in check for entry_id in pool.unfinished if not is_handed(entry_id)]
         commands += [["XRANGE", pool.stream, entry_id, entry_id] for pool, entry_id in checked]
         if not commands:
+            self._settled(settling)
             return
         try:
             round_start = time.perf_counter()
@@ -498,17 +585,20 @@ class Broker:
             # Not handed over: back to the front of their queues, to go out on the next
             # attempt (a batch that did reach Redis is then sent twice, and the gateway
             # drops the second reply).  Acknowledgements wait for the next round.
+            for model, done in taken:
+                model.done[:0] = done
             for model, _, batch in reversed(sent):
                 model.sched.requeue(batch)
                 for r in batch:
-                    r.entry.remaining += 1
+                    settling.unsettle(r)
                     if r.entry.remaining == 1 and r.entry in model.done:
                         model.done.remove(r.entry)
+            self._settled(settling)
             self._kick.set()
             raise
-        for model in acks:
-            model.held.difference_update(e.entry_id for e in model.done)
-            model.done.clear()
+        for model, done in taken:
+            model.held.difference_update(e.entry_id for e in done)
+        self._settled(settling)
         self.batches_sent += len(sent)
         self.rejected += len(rejections)
         self._count(sent, rejections)
@@ -524,6 +614,14 @@ class Broker:
             if not found and pool.lost(entry_id):
                 log.warning("no done notice for batch %s of pool %s; counting it as finished",
                             entry_id.decode(), pool.name)
+
+    def _settled(self, settling: Settling) -> None:
+        """A round is over: entries it waited on whose other writes are confirmed go to the next round."""
+        ready = settling.finish()
+        for owner, entry in ready:
+            owner.done.append(entry)
+        if ready:
+            self._kick.set()
 
     def _wake_commands(self, now: float) -> list[list[bytes | str | int]]:
         """Raise the wake-up signal (keys.wake_list) of pools with no live worker that a model needs:
@@ -568,7 +666,8 @@ class Broker:
         return any(v[4] == key for pool, _ in model.options if self._workers(pool.name) == 0
                    for v in pool.unfinished.values())
 
-    def _unserved(self, model: _Model, now: float, drain: bool) -> list[tuple[_Model, Rejection]]:
+    def _unserved(self, model: _Model, now: float, drain: bool,
+                  settling: Settling) -> list[tuple[_Model, Rejection]]:
         """Requests of a model none of whose pools has had a live worker for ``no_worker_grace_s``
         fail with UNAVAILABLE (a short gap, such as a worker restarting, only delays them)."""
         if any(self._workers(p.name) > 0 for p, _ in model.options):
@@ -587,7 +686,7 @@ class Broker:
         message = _no_worker_message(model)
         out = [(model, Rejection(r, message, Code.UNAVAILABLE)) for r in model.sched.drop_all()]
         for _, rej in out:
-            self._release(model, rej.request)
+            self._release(model, rej.request, settling)
         return out
 
     async def _rescue(self, now: float) -> None:
@@ -596,7 +695,10 @@ class Broker:
         dead = [pool for pool in self._pools.values() if pool.unfinished and self._workers(pool.name) == 0]
         if not dead:
             return
-        wanted = [(pool, entry_id) for pool in dead for entry_id in pool.unfinished]
+        # A batch handed in-process is not on the stream: the worker that has it is this process's.
+        wanted = [(pool, entry_id) for pool in dead for entry_id in pool.unfinished if not is_handed(entry_id)]
+        if not wanted:
+            return
         found = await self._writes.execute([["XRANGE", pool.stream, entry_id, entry_id] for pool, entry_id in wanted])
         commands: list[list[bytes | str | int]] = []
         moved: list[tuple[Pool, int, float, bytes]] = []

@@ -92,9 +92,15 @@ def _component(ns: argparse.Namespace) -> None:
         if isinstance(settings, cfg.BrokerSettings):
             from broker.service import Broker
 
-            components = [Broker(settings, repo)]
             if settings.colocated_worker:
-                components.append(Worker(_colocated_worker_settings(settings), repo))
+                from broker.handoff import Handoff
+
+                worker_settings = _colocated_worker_settings(settings)
+                # The broker hands its worker's pool's batches over in-process, not through Redis.
+                handoff = Handoff(worker_settings.pool, settings.pool_depth)
+                components = [Broker(settings, repo, handoff), Worker(worker_settings, repo, handoff)]
+            else:
+                components = [Broker(settings, repo)]
         else:
             assert isinstance(settings, cfg.WorkerSettings)
             components = [Worker(settings, repo)]

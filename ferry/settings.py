@@ -206,7 +206,8 @@ class BrokerSettings(CommonSettings):
     colocated_worker: bool = knob(
         False, "also run one worker in this process, configured as `ferry worker` is by its FERRY_* variables "
         "(pool, runtime, ...) and sharing this broker's Redis, repository, logging and metrics: one process "
-        "fewer on every batch's path. `ferry up --edge` does this for its first worker on fewer than 4 CPUs "
+        "fewer on every batch's path, and that pool's batches handed over in-process rather than through Redis "
+        "(docs/architecture.md). `ferry up --edge` does this for its first worker on fewer than 4 CPUs "
         "(docs/edge.md)"
     )
 

@@ -73,3 +73,57 @@ def test_stopping_it_hands_over_what_the_broker_holds_and_its_worker_runs_it(col
         done = [f.result(timeout=60) for f in futures]
     assert all(d is not None and d.shape == (1,) for d in done)
     colocated.stop_cleanly()
+
+
+def test_its_batches_reach_its_worker_without_the_pool_stream(colocated: Cluster) -> None:
+    """broker.handoff: nothing is written to the pool stream, and every request entry is acknowledged."""
+    xs = [np.full((1, 256), i, np.float32) for i in range(64)]
+    with ThreadPoolExecutor(16) as pool:
+        outs = list(pool.map(lambda x: _mlp(colocated.client(), x), xs))
+    assert len(outs) == 64
+    r = colocated.redis_client()
+    assert r.xinfo_stream("ferry:{p:cpu}:batches")["entries-added"] == 0
+    deadline = time.monotonic() + 10
+    while r.xlen("ferry:{m:mlp}:v1:requests") or r.exists("ferry:{m:mlp}:v1:queued"):
+        assert time.monotonic() < deadline, "request entries left unacknowledged"
+        time.sleep(0.02)
+    colocated.stop_cleanly()
+
+
+def test_a_request_that_kills_the_process_is_retried_through_the_pool_stream_then_dead_lettered(
+        repo: Path, tmp_path: Path) -> None:
+    """A handed batch's requests stay pending in the request stream: when the process dies, the next
+    broker takes them over, and sends them the pool-stream way, where worker deaths are counted, so a
+    request that crashes the process cannot crash every restart."""
+    fault = {"FERRY_FAULT_EXIT_ON_ID": "poison", "FERRY_MAX_ATTEMPTS": "2"}
+    c = Cluster(repo, tmp_path, workers=0, broker_args=("--colocated-worker", "--no-worker-grace-s", "60"),
+                role_env={"broker": fault})
+    try:
+        x = tc.InferInput("INPUT0", [1, 256], "FP32")
+        x.set_data_from_numpy(np.ones((1, 256), np.float32))
+        with ThreadPoolExecutor(1) as pool:
+            call = pool.submit(lambda: c.client().infer("mlp", [x], request_id="poison", client_timeout=90))
+            deaths = 0
+            while not call.done():  # a supervisor: restart the process whenever it dies
+                for i, (role, p) in enumerate(c.procs):
+                    if role == "broker" and p.poll() is not None:
+                        assert p.returncode == -9, c.logs()
+                        deaths += 1
+                        c.procs[i] = ("dead", p)
+                        c.spawn("broker", "--colocated-worker", "--no-worker-grace-s", "60")
+                time.sleep(0.05)
+            with pytest.raises(Exception) as info:
+                call.result()
+        assert "dead-lettered" in str(info.value), info.value
+        assert deaths >= 2, deaths
+        r = c.redis_client()
+        assert r.xinfo_stream("ferry:{p:cpu}:batches")["entries-added"] >= 1  # the retries' way
+        assert "from dead brokers" in c.logs()
+        assert len(r.xrange("ferry:{p:cpu}:dead")) == 1
+        r.delete("ferry:{p:cpu}:dead")
+        # Healthy again: a plain request still goes the in-process way.
+        assert _mlp(c.client(), np.zeros((1, 256), np.float32)).shape == (1, 10)
+        c.procs = [(role, p) for role, p in c.procs if role != "dead"]
+        c.stop_cleanly()
+    finally:
+        c.close()

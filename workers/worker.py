@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from broker import keys, scripts
+from broker.handoff import Handoff, Settled
 from broker.messages import (
     Member,
     Stat,
@@ -85,8 +86,11 @@ class _Claimed:
 
 
 class Worker:
-    def __init__(self, settings: WorkerSettings, repo: Repository) -> None:
+    def __init__(self, settings: WorkerSettings, repo: Repository, handoff: Handoff | None = None) -> None:
         self.settings = settings
+        # Set when the broker runs in this process too (ferry broker --colocated-worker): batches it
+        # hands over directly (broker.handoff), besides those on the pool stream.
+        self.handoff = handoff
         self.stream = keys.pool_stream(settings.pool)
         self.done_channel = keys.done_channel(settings.pool)
         self.models: dict[tuple[str, int], BatchRunner] = {}
@@ -106,7 +110,7 @@ class Worker:
         self.tracing = Tracing("ferry-worker", settings.otlp_endpoint, settings.trace_sample_ratio, settings.worker_id)
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="ferry-compute")
         self._outbox: asyncio.Queue[
-            tuple[list[list[bytes | str | int]], asyncio.Future[list[Any]] | None, list[bytes]]
+            tuple[list[list[bytes | str | int]], asyncio.Future[list[Any]] | None, list[bytes], Settled | None]
         ] = asyncio.Queue(4)
         self.batches_run = 0
         self._profile: dict[tuple[str, int], dict[int, float]] = defaultdict(dict)
@@ -123,6 +127,9 @@ class Worker:
         writer = asyncio.create_task(self._writer(), name="writer")
         stats = asyncio.create_task(self._stats_loop(), name="stats")
         reclaimer = asyncio.create_task(self._reclaimer(), name="reclaimer")
+        tasks = [writer, heartbeat, stats, reclaimer]
+        if self.handoff is not None:
+            tasks.append(asyncio.create_task(self._run_handed(self.handoff), name="handed"))
         log.info("worker %s serving pool %s: %s", self.settings.worker_id, self.settings.pool,
                  ", ".join(f"{n} v{v}" for n, v in self.models) or "no models")
         try:
@@ -142,13 +149,16 @@ class Worker:
                     continue
                 if claimed:
                     await self._execute(claimed)
+            if self.handoff is not None:
+                # Its broker stopped first and handed over what it held: run that too.
+                await self.handoff.drained()
             try:
                 await asyncio.wait_for(self._outbox.join(), self.settings.grace_s)
             except TimeoutError:
                 log.error("%d reply writes still unconfirmed after %.0fs; exiting, their batches stay pending",
                           self._outbox.qsize() + 1, self.settings.grace_s)
         finally:
-            await cancel_all([writer, heartbeat, stats, reclaimer])
+            await cancel_all(tasks)
             await self._flush_stats()
             await self._unregister()
             self._compute.shutdown(wait=True)
@@ -197,21 +207,7 @@ class Worker:
         first = claimed[0]
         ids = [c.entry_id for c in claimed]
         members: list[Member] = [m for c in claimed for m in c.members]
-        runner = self.models.get((first.model, first.version))
-        if self._fault and any(self._fault in m.payload for m in members):
-            log.critical("fault injection: request id %r is in this batch; killing this worker",
-                         self.settings.fault_exit_on_id)
-            os.kill(os.getpid(), signal.SIGKILL)
-        started = time.perf_counter_ns()
-        if runner is None:
-            result = BatchResult()
-            msg = f"worker {self.settings.worker_id} does not serve model {first.model!r} v{first.version}"
-            result.replies = [(m.gateway, encode_reply(m.corr, Code.UNAVAILABLE, msg.encode())) for m in members]
-        elif self.settings.compute_thread:
-            result = await asyncio.get_running_loop().run_in_executor(self._compute, runner.run, members)
-        else:
-            result = runner.run(members)
-        elapsed = time.perf_counter_ns() - started
+        result, elapsed = await self._compute_batch(first.model, first.version, members)
         # Rows 0 (nothing ran): the notice only frees room in the pool; the broker learns nothing from it.
         took = elapsed if result.rows_run else 0
         commands = self._reply_commands(ids, result)
@@ -220,21 +216,57 @@ class Worker:
         # Replies hit the socket now, before the bookkeeping below and the next read; the writer
         # only waits for Redis to confirm them (and retries if it did not).
         sent = self._writes.send_now(commands)
+        self._account(first.model, first.version, members, result, elapsed, first.trace, len(claimed))
+        await self._outbox.put((commands, sent, ids, None))
+
+    async def _run_handed(self, handoff: Handoff) -> None:
+        """Batches the broker in this process hands over: no stream entry to read or settle and no
+        done notice; the reply pipeline acknowledges their request entries instead (broker.handoff)."""
+        while True:
+            batch = await handoff.take()
+            result, elapsed = await self._compute_batch(batch.model, batch.version, batch.members)
+            settled = handoff.finish(batch, result.rows_run, elapsed if result.rows_run else 0)
+            commands = scripts.push_reply_commands(result.replies) + settled.commands
+            sent = self._writes.send_now(commands)
+            self._account(batch.model, batch.version, batch.members, result, elapsed, batch.trace, 1)
+            await self._outbox.put((commands, sent, [], settled))
+
+    async def _compute_batch(self, model: str, version: int, members: list[Member]) -> tuple[BatchResult, int]:
+        """Run one batch: its result and how long it took (ns)."""
+        runner = self.models.get((model, version))
+        if self._fault and any(self._fault in m.payload for m in members):
+            log.critical("fault injection: request id %r is in this batch; killing this worker",
+                         self.settings.fault_exit_on_id)
+            os.kill(os.getpid(), signal.SIGKILL)
+        started = time.perf_counter_ns()
+        if runner is None:
+            result = BatchResult()
+            msg = f"worker {self.settings.worker_id} does not serve model {model!r} v{version}"
+            result.replies = [(m.gateway, encode_reply(m.corr, Code.UNAVAILABLE, msg.encode())) for m in members]
+        elif self.settings.compute_thread:
+            result = await asyncio.get_running_loop().run_in_executor(self._compute, runner.run, members)
+        else:
+            result = runner.run(members)
+        return result, time.perf_counter_ns() - started
+
+    def _account(self, model: str, version: int, members: list[Member], result: BatchResult, elapsed: int,
+                 trace: str, batches: int) -> None:
+        """A batch's statistics, trace span and metrics, once its replies are on their way."""
         self.batches_run += 1
-        self._add_stats((first.model, first.version), result.stats)
-        if self.tracing.enabled and first.trace:
+        self._add_stats((model, version), result.stats)
+        if self.tracing.enabled and trace:
             end_ns = time.time_ns()
-            self.tracing.compute_span(first.trace, [m.trace for m in members], end_ns - elapsed, end_ns,
-                                      {"ferry.model": first.model, "ferry.rows": result.rows_run,
-                                       "ferry.pool": self.settings.pool, "ferry.batches": len(claimed)})
-        if took:
-            self._observe_latency((first.model, first.version), result.rows_run, took / 1e9)
-            labels = (first.model, str(first.version))
-            metrics.COMPUTE_DURATION.labels(*labels).observe(took / 1e9)
+            self.tracing.compute_span(trace, [m.trace for m in members], end_ns - elapsed, end_ns,
+                                      {"ferry.model": model, "ferry.rows": result.rows_run,
+                                       "ferry.pool": self.settings.pool, "ferry.batches": batches})
+        if result.rows_run:
+            took = elapsed / 1e9
+            self._observe_latency((model, version), result.rows_run, took)
+            labels = (model, str(version))
+            metrics.COMPUTE_DURATION.labels(*labels).observe(took)
             metrics.BATCH_SIZE.labels(*labels).observe(result.rows_run)
             metrics.INFERENCES.labels(*labels).inc(result.rows_run)
             metrics.EXECUTIONS.labels(*labels).inc()
-        await self._outbox.put((commands, sent, ids))
 
     def _reply_commands(self, ids: list[bytes], result: BatchResult) -> list[list[bytes | str | int]]:
         """Replies first (one bundle per gateway), then the batch entries deleted and acknowledged."""
@@ -244,35 +276,47 @@ class Worker:
 
     async def _writer(self) -> None:
         while True:
-            commands, sent, ids = await self._outbox.get()
-            delay = 0.05
+            commands, sent, ids, settled = await self._outbox.get()
             try:
-                while True:
-                    try:
-                        if sent is None:
-                            await self._writes.execute(commands)
-                        else:
-                            await self._writes.confirm(sent)
-                        self._in_hand.difference_update(ids)
-                        break
-                    except RespError as exc:
-                        if "NOSCRIPT" not in str(exc):
-                            raise
-                        # Redis restarted (or flushed its scripts) since we loaded it.
-                        await scripts.load_all(self._writes)
-                    except REDIS_DOWN as exc:
-                        # The batch stays pending until its replies are written: retry, never drop.
-                        log.warning("redis unreachable writing replies (%s); retrying", exc)
-                        await asyncio.sleep(delay)
-                        delay = min(delay * 2, 1.0)
-                    sent = None
+                await self._write(commands, sent)
+                self._in_hand.difference_update(ids)
+                while settled is not None:
+                    assert self.handoff is not None
+                    follow_up = self.handoff.confirmed(settled)
+                    settled = follow_up
+                    if follow_up is not None:
+                        await self._write(follow_up.commands, None)
             except Exception:
                 # A bug here must not stop the writer: the batch stays pending in Redis, and
                 # once out of hand the reclaimer runs it again (claim_forgotten).
                 log.exception("writing replies failed; the batch stays pending and will run again")
                 self._in_hand.difference_update(ids)
+                if settled is not None and self.handoff is not None:
+                    self.handoff.lost(settled)
             finally:
                 self._outbox.task_done()
+
+    async def _write(self, commands: list[list[bytes | str | int]], sent: asyncio.Future[list[Any]] | None) -> None:
+        """Until Redis confirms ``commands`` (already ``sent``, or not yet): retried, never dropped."""
+        delay = 0.05
+        while True:
+            try:
+                if sent is None:
+                    await self._writes.execute(commands)
+                else:
+                    await self._writes.confirm(sent)
+                return
+            except RespError as exc:
+                if "NOSCRIPT" not in str(exc):
+                    raise
+                # Redis restarted (or flushed its scripts) since we loaded it.
+                await scripts.load_all(self._writes)
+            except REDIS_DOWN as exc:
+                # The batch stays pending until its replies are written: retry, never drop.
+                log.warning("redis unreachable writing replies (%s); retrying", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+            sent = None
 
     async def _reclaimer(self) -> None:
         passes = 0
