@@ -156,6 +156,7 @@ class Handoff:
         self._finish: Callable[[HandedBatch, int, int], Settled] | None = None
         self._confirmed: Callable[[Settled], Settled | None] | None = None
         self._lost: Callable[[Settled], None] | None = None
+        self._closed = False
 
     def attach(self, finish: Callable[[HandedBatch, int, int], Settled],
                confirmed: Callable[[Settled], Settled | None], lost: Callable[[Settled], None]) -> None:
@@ -163,7 +164,11 @@ class Handoff:
         self._finish, self._confirmed, self._lost = finish, confirmed, lost
 
     def has_room(self) -> bool:
-        return self._finish is not None and self.running < self.depth
+        return self._finish is not None and not self._closed and self.running < self.depth
+
+    def close(self) -> None:
+        """The worker stopped taking batches (it failed): the broker's go to the pool stream again."""
+        self._closed = True
 
     def hand(self, batch: HandedBatch) -> None:
         self.running += 1

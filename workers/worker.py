@@ -101,6 +101,7 @@ class Worker:
         self._reads = data_client(settings.redis_url, settings.redis_timeout_s + READ_BLOCK_MS / 1000)
         self._writes = data_client(settings.redis_url, settings.redis_timeout_s)
         self._stopping = asyncio.Event()
+        self._broken: Exception | None = None  # a handed batch failed (a bug): stop, and exit with it
         self._carry: list[_Claimed] = []
         self._reclaimed: list[_Claimed] = []  # taken over from dead workers; run before new reads
         # Entry ids read and not yet acknowledged for sure: what broker.reclaim.claim_forgotten
@@ -149,7 +150,7 @@ class Worker:
                     continue
                 if claimed:
                     await self._execute(claimed)
-            if self.handoff is not None:
+            if self.handoff is not None and self._broken is None:
                 # Its broker stopped first and handed over what it held: run that too.
                 await self.handoff.drained()
             try:
@@ -167,6 +168,8 @@ class Worker:
             await self._writes.close()
             self.tracing.shutdown()
             log.info("worker %s stopped after %d batches", self.settings.worker_id, self.batches_run)
+        if self._broken is not None:
+            raise self._broken
 
     async def _read(self, count: int, block: int | None) -> list[_Claimed]:
         args: list[bytes | str | int] = ["XREADGROUP", "GROUP", keys.WORKER_GROUP, self.settings.worker_id,
@@ -224,8 +227,17 @@ class Worker:
         done notice; the reply pipeline acknowledges their request entries instead (broker.handoff)."""
         while True:
             batch = await handoff.take()
-            result, elapsed = await self._compute_batch(batch.model, batch.version, batch.members)
-            settled = handoff.finish(batch, result.rows_run, elapsed if result.rows_run else 0)
+            try:
+                result, elapsed = await self._compute_batch(batch.model, batch.version, batch.members)
+                settled = handoff.finish(batch, result.rows_run, elapsed if result.rows_run else 0)
+            except Exception as exc:
+                # A bug (the model's own errors are replies): like a crash on the stream path, the
+                # process stops; the batch's requests stay pending and another broker takes them over.
+                log.exception("a batch handed over in-process failed; stopping this worker")
+                handoff.close()
+                self._broken = exc
+                self._stopping.set()
+                return
             commands = scripts.push_reply_commands(result.replies) + settled.commands
             sent = self._writes.send_now(commands)
             self._account(batch.model, batch.version, batch.members, result, elapsed, batch.trace, 1)
