@@ -21,6 +21,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from broker.handoff import is_handed
 from broker.scheduler import LatencyModel, smooth, worker_free_at
 
 EARLY_MEMORY_S = 10.0  # done notices for entries not (yet) known here are remembered this long
@@ -50,6 +51,11 @@ class Pool:
         """When a worker is expected to be free for one more batch; ``formed``: the expected
         compute of batches formed this round and not yet sent."""
         return worker_free_at([(u[0], u[2]) for u in self.unfinished.values()], workers, now, list(formed))
+
+    def on_stream(self) -> list[bytes]:
+        """Its unfinished batches that are pool-stream entries: not those handed to a worker in-process
+        (broker.handoff), which no done notice announces and no XRANGE finds."""
+        return [b for b in self.unfinished if not is_handed(b)]
 
     @property
     def rows_ahead(self) -> int:

@@ -78,6 +78,7 @@ return 1
 
 ALL = (PUSH_REPLY, ENQUEUE, ACK_REQUESTS, DROP_CONSUMER)
 PUSH_REPLY_SHA = sha(PUSH_REPLY)
+ACK_REQUESTS_SHA = sha(ACK_REQUESTS)
 
 
 def push_reply_commands(replies: Iterable[tuple[str, bytes]]) -> list[list[bytes | str | int]]:

@@ -53,7 +53,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from broker import keys, scripts
-from broker.handoff import HANDED, Acks, HandedBatch, Handoff, Settled, Settling, ack_commands, is_handed
+from broker.handoff import HANDED, Acks, HandedBatch, Handoff, Settled, Settling, ack_commands
 from broker.liveness import LiveWorkers
 from broker.messages import (
     GROUP_STRIDE,
@@ -169,7 +169,6 @@ class Broker:
         self._rtt = metrics.REDIS_RTT.labels("broker")
         self.tracing = Tracing("ferry-broker", settings.otlp_endpoint, settings.trace_sample_ratio, settings.broker_id)
         self._model_list = list(self._models.values())
-        self._sha_ack = scripts.sha(scripts.ACK_REQUESTS)
         self._tasks: list[asyncio.Task[None]] = []
         self.batches_sent = 0
         self.rejected = 0
@@ -433,7 +432,8 @@ class Broker:
         for r in batch.requests:
             settling.settle(model, r)
         settling.seal()
-        return Settled(ack_commands(settling.ready, keys.BROKER_GROUP, self._sha_ack), settling, settling.ready)
+        commands = ack_commands(settling.ready, keys.BROKER_GROUP, scripts.ACK_REQUESTS_SHA)
+        return Settled(commands, settling, settling.ready)
 
     def _handed_confirmed(self, settled: Settled) -> Settled | None:
         """The worker's pipeline is confirmed: the entries it acknowledged are gone; the ones it waited
@@ -443,7 +443,7 @@ class Broker:
         ready = settled.settling.finish()
         if not ready:
             return None
-        return Settled(ack_commands(ready, keys.BROKER_GROUP, self._sha_ack), Settling(replies=True), ready)
+        return Settled(ack_commands(ready, keys.BROKER_GROUP, scripts.ACK_REQUESTS_SHA), Settling(replies=True), ready)
 
     @staticmethod
     def _handed_lost(settled: Settled) -> None:
@@ -506,7 +506,7 @@ class Broker:
     def _next_wake(self, now: float) -> float:
         wake = now + IDLE_BLOCK_MS / 1000
         for pool in self._pools.values():
-            if self._room(pool) <= 0 and any(not is_handed(b) for b in pool.unfinished):
+            if self._room(pool) <= 0 and pool.on_stream():
                 wake = min(wake, pool.checked + RESYNC_S)  # waiting for room: check for lost notices
         for model in self._model_list:
             sched = model.sched
@@ -560,19 +560,15 @@ class Broker:
         commands += self._wake_commands(now)
         check = [pool for pool in self._pools.values()
                  if pool.unfinished and self._room(pool) <= 0 and now - pool.checked >= RESYNC_S]
-        acks: list[_Model] = []
-        for model in self._model_list:
-            if model.done:
-                count = sum(e.count for e in model.done)
-                commands.append(["EVALSHA", self._sha_ack, 2, model.stream, model.counter, keys.BROKER_GROUP,
-                                 count, *(e.entry_id for e in model.done)])
-                acks.append(model)
-        taken = [(model, model.done) for model in acks]
-        for model in acks:
-            model.done = []  # a handed batch's replies may settle more entries while this round is out
+        # Taken now: a handed batch's replies may settle more entries while this round is out.
+        taken = [(model, model.done) for model in self._model_list if model.done]
+        for model, _ in taken:
+            model.done = []
+        commands += ack_commands([(model, e) for model, done in taken for e in done], keys.BROKER_GROUP,
+                                 scripts.ACK_REQUESTS_SHA)
         commands += self._rejection_commands(rejections)
         # Entries still in the stream are unfinished; the others' done notices were lost.
-        checked = [(pool, entry_id) for pool in check for entry_id in pool.unfinished if not is_handed(entry_id)]
+        checked = [(pool, entry_id) for pool in check for entry_id in pool.on_stream()]
         commands += [["XRANGE", pool.stream, entry_id, entry_id] for pool, entry_id in checked]
         if not commands:
             self._settled(settling)
@@ -696,7 +692,7 @@ class Broker:
         if not dead:
             return
         # A batch handed in-process is not on the stream: the worker that has it is this process's.
-        wanted = [(pool, entry_id) for pool in dead for entry_id in pool.unfinished if not is_handed(entry_id)]
+        wanted = [(pool, entry_id) for pool in dead for entry_id in pool.on_stream()]
         if not wanted:
             return
         found = await self._writes.execute([["XRANGE", pool.stream, entry_id, entry_id] for pool, entry_id in wanted])
