@@ -22,7 +22,9 @@ perf_analyzer sweep (batch-1 gRPC requests, closed loop, concurrency 1..64):
 Modes: ``pinned`` runs the server (every process of it) on CPU 0 and perf_analyzer on CPU 1, so each
 side has one core; ``unpinned`` lets the kernel place everything. Peers are measured one after the
 other, each ``--repeat`` times in turn, because this shared VM drifts by 20-30% within minutes:
-compare figures within one run only.
+compare figures within one run only. ``--interleave`` goes further: every peer of a mode runs at once
+(idle, the others cost the measured one only their background wake-ups) and each level is measured
+peer after peer, the order rotating each sweep, so a slow minute hits every peer at that level.
 
 Each peer gets its own virtual environment under ``.cache/peers/<name>`` (pinned versions; first run
 downloads about 1 GB, mostly Ray). Results also go to ``--json``; plots to ``docs/img/peers-*.png``.
@@ -265,6 +267,27 @@ def versions(peers: list[str], rev: str) -> list[str]:
     return lines
 
 
+def interleaved(pa: str, args: argparse.Namespace, peers: list[str], modes: list[str], levels: list[int],
+                onnx: Path, log_dir: Path, runs: dict[str, dict[str, list[list[Row]]]]) -> None:
+    """``--interleave``: per mode, every peer up at once; per sweep and level, each peer in turn."""
+    for mode in modes:
+        server_cpu, client_cpu = (0, 1) if mode == "pinned" else (None, None)
+        with contextlib.ExitStack() as stack:
+            urls = {}
+            for p in peers:
+                print(f"starting {p}, {mode}", flush=True)
+                urls[p] = stack.enter_context(serve(p, args, server_cpu, onnx, log_dir))
+            for rep in range(args.repeat):
+                sweep: dict[str, list[Row]] = {p: [] for p in peers}
+                for level in levels:
+                    for i in range(len(peers)):
+                        p = peers[(i + rep) % len(peers)]  # who goes first rotates with each sweep
+                        print(f"{p}, {mode} (sweep {rep + 1}/{args.repeat})", flush=True)
+                        sweep[p].append(measure(pa, urls[p], level, args, client_cpu))
+                for p in peers:
+                    runs[mode][p].append(sweep[p])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated, from {', '.join(PEERS)}")
@@ -272,6 +295,10 @@ def main() -> None:
     ap.add_argument("--levels", default=",".join(map(str, LEVELS)), help="perf_analyzer concurrency levels")
     ap.add_argument("--interval-ms", type=int, default=2000, help="perf_analyzer measurement window")
     ap.add_argument("--repeat", type=int, default=1, help="sweeps per peer and mode; tables show the median")
+    ap.add_argument("--interleave", action="store_true",
+                    help="start every peer of a mode at once and measure them in turn at each level (the "
+                    "order rotating each sweep), so the machine's drift hits all alike; the idle peers cost "
+                    "the measured one a little CPU")
     ap.add_argument("--max-batch", type=int, default=32, help="rows per model call, every server")
     ap.add_argument("--delay-us", type=int, default=2000, help="batching window, every server")
     ap.add_argument("--ferry-gateways", type=int, default=1)
@@ -319,7 +346,9 @@ def main() -> None:
     onnx.write_bytes(build_onnx())
     print(f"server logs: {log_dir}", flush=True)
     runs: dict[str, dict[str, list[list[Row]]]] = {m: {p: [] for p in peers} for m in modes}
-    for rep in range(args.repeat):
+    if args.interleave:
+        interleaved(pa, args, peers, modes, levels, onnx, log_dir, runs)
+    for rep in range(0 if args.interleave else args.repeat):
         for mode in modes:
             server_cpu, client_cpu = (0, 1) if mode == "pinned" else (None, None)
             for p in peers:
@@ -360,7 +389,9 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, list[Row]]], l
         "onnxruntime on the CPU with one thread, one model instance, at most "
         f"{run['max_batch']} rows per model call, batching window {run['delay_us']} µs. perf_analyzer, batch-1 "
         f"gRPC requests, closed loop, {run['interval_ms']} ms windows; {run['repeat']} sweep(s) per peer and mode "
-        "(the median run is shown). *pinned*: the server, every process of it, on CPU 0 and perf_analyzer on "
+        + ("(every peer of a mode up at once, measured in turn at each level, the order rotating each sweep; "
+           if run.get("interleave") == "True" else "(")
+        + "the median run is shown). *pinned*: the server, every process of it, on CPU 0 and perf_analyzer on "
         "CPU 1; *unpinned*: both share both cores. "
         f"Ferry: {run['ferry_gateways']} gateway(s), {run['ferry_workers']} worker(s), one broker, Redis; *ferry* "
         "batches adaptively (its default), *ferry-edge* the same behind the native edge (`ferry up --edge`, "
