@@ -67,6 +67,11 @@ def pin(cpu: int | None) -> list[str]:
     return [] if cpu is None else ["taskset", "-c", str(cpu)]
 
 
+def cpus(mode: str) -> tuple[int | None, int | None]:
+    """(server CPU, perf_analyzer CPU): pinned, one core each; unpinned, wherever the kernel puts them."""
+    return (0, 1) if mode == "pinned" else (None, None)
+
+
 def wait_model_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
     """Until ModelReady("mlp") answers true: every peer implements it, and it is what perf_analyzer needs."""
     import grpc
@@ -267,11 +272,29 @@ def versions(peers: list[str], rev: str) -> list[str]:
     return lines
 
 
+def sequential(pa: str, args: argparse.Namespace, peers: list[str], modes: list[str], levels: list[int],
+               onnx: Path, log_dir: Path, runs: dict[str, dict[str, list[list[Row]]]]) -> None:
+    """Peer after peer, each with a sweep of its own, ``--repeat`` times in turn."""
+    for rep in range(args.repeat):
+        for mode in modes:
+            server_cpu, client_cpu = cpus(mode)
+            for p in peers:
+                print(f"{p}, {mode} (run {rep + 1}/{args.repeat})", flush=True)
+                try:
+                    with serve(p, args, server_cpu, onnx, log_dir) as url:
+                        runs[mode][p].append([measure(pa, url, c, args, client_cpu) for c in levels])
+                except (RuntimeError, TimeoutError) as exc:
+                    print(f"  {p} did not start: {exc} (see {log_dir / (p + '.log')})", flush=True)
+                    nan = float("nan")
+                    runs[mode][p].append([{"concurrency": c, "throughput": nan, "p50_ms": nan, "p99_ms": nan}
+                                          for c in levels])
+
+
 def interleaved(pa: str, args: argparse.Namespace, peers: list[str], modes: list[str], levels: list[int],
                 onnx: Path, log_dir: Path, runs: dict[str, dict[str, list[list[Row]]]]) -> None:
     """``--interleave``: per mode, every peer up at once; per sweep and level, each peer in turn."""
     for mode in modes:
-        server_cpu, client_cpu = (0, 1) if mode == "pinned" else (None, None)
+        server_cpu, client_cpu = cpus(mode)
         with contextlib.ExitStack() as stack:
             urls = {}
             for p in peers:
@@ -346,21 +369,7 @@ def main() -> None:
     onnx.write_bytes(build_onnx())
     print(f"server logs: {log_dir}", flush=True)
     runs: dict[str, dict[str, list[list[Row]]]] = {m: {p: [] for p in peers} for m in modes}
-    if args.interleave:
-        interleaved(pa, args, peers, modes, levels, onnx, log_dir, runs)
-    for rep in range(0 if args.interleave else args.repeat):
-        for mode in modes:
-            server_cpu, client_cpu = (0, 1) if mode == "pinned" else (None, None)
-            for p in peers:
-                print(f"{p}, {mode} (run {rep + 1}/{args.repeat})", flush=True)
-                try:
-                    with serve(p, args, server_cpu, onnx, log_dir) as url:
-                        runs[mode][p].append([measure(pa, url, c, args, client_cpu) for c in levels])
-                except (RuntimeError, TimeoutError) as exc:
-                    print(f"  {p} did not start: {exc} (see {log_dir / (p + '.log')})", flush=True)
-                    nan = float("nan")
-                    runs[mode][p].append([{"concurrency": c, "throughput": nan, "p50_ms": nan, "p99_ms": nan}
-                                          for c in levels])
+    (interleaved if args.interleave else sequential)(pa, args, peers, modes, levels, onnx, log_dir, runs)
     results = {m: {p: median_rows(runs[m][p]) for p in peers} for m in modes}
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs,

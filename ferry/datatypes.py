@@ -103,7 +103,7 @@ def count_bytes_elements(raw: bytes | memoryview, *, what: str, limit: int | Non
     return n
 
 
-def decode_raw(dtype: DataType, shape: Sequence[int], raw: bytes) -> np.ndarray[Any, Any]:
+def decode_raw(dtype: DataType, shape: Sequence[int], raw: bytes | memoryview) -> np.ndarray[Any, Any]:
     """View raw OIP bytes as an array; zero-copy for fixed-size types."""
     if dtype.is_bytes:
         items: list[bytes] = []

@@ -21,8 +21,9 @@ against protobuf's own serialisation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -41,7 +42,7 @@ class Decoded:
     request_id: str
     requested: tuple[str, ...]  # requested outputs; () = all
     shapes: dict[str, tuple[int, ...]]
-    raw: dict[str, bytes] | None  # raw_input_contents by name, when the client sent raw
+    raw: dict[str, bytes | memoryview] | None  # raw_input_contents by name, when the client sent raw
     arrays: dict[str, np.ndarray[Any, Any]] | None  # typed contents, decoded
 
 
@@ -53,9 +54,35 @@ _FAST_TAGS = frozenset((_MODEL_NAME, _MODEL_VERSION, _ID, _PARAMETER, _INPUT, _O
 # with every request). Bounded, so a client that varies them cannot grow the worker.
 _SEEN_MAX = 4096
 _SEEN_KEY_MAX = 512
-_inputs_seen: dict[bytes, tuple[str, tuple[int, ...]]] = {}
-_outputs_seen: dict[bytes, str] = {}
-_parameters_seen: set[bytes] = set()
+_inputs_seen: dict[bytes, tuple[str, tuple[int, ...]]] = {}  # -> (name, shape)
+_outputs_seen: dict[bytes, str] = {}  # -> name
+_parameters_seen: dict[bytes, bool] = {}  # -> True: valid (the worker does not use them)
+_T = TypeVar("_T")
+
+
+def _parse_once(seen: dict[bytes, _T], field: bytes, parse: Callable[[bytes], _T]) -> _T | None:
+    """``parse(field)``, remembered in ``seen`` while it has room; None if protobuf refuses it."""
+    try:
+        value = parse(field)
+    except Exception:
+        return None
+    if len(field) <= _SEEN_KEY_MAX and len(seen) < _SEEN_MAX:
+        seen[field] = value
+    return value
+
+
+def _input_of(field: bytes) -> tuple[str, tuple[int, ...]]:
+    t = pb.ModelInferRequest.InferInputTensor.FromString(field)
+    return t.name, tuple(t.shape)
+
+
+def _output_of(field: bytes) -> str:
+    return str(pb.ModelInferRequest.InferRequestedOutputTensor.FromString(field).name)
+
+
+def _parameter_of(field: bytes) -> bool:
+    pb.ModelInferRequest.ParametersEntry.FromString(field)
+    return True
 
 
 def decode(specs: dict[str, TensorSpec], payload: bytes) -> Decoded:
@@ -71,7 +98,8 @@ def _decode_common(specs: dict[str, TensorSpec], buf: bytes) -> Decoded | None:
     request_id = ""
     inputs: list[bytes] = []
     outputs: list[bytes] = []
-    raw: list[bytes] = []
+    raw: list[memoryview] = []
+    view = memoryview(buf)
     while pos < size:
         tag = buf[pos]
         if tag not in _FAST_TAGS or pos + 1 >= size:
@@ -94,7 +122,7 @@ def _decode_common(specs: dict[str, TensorSpec], buf: bytes) -> Decoded | None:
         if end > size:
             return None
         if tag == _RAW:
-            raw.append(buf[pos:end])
+            raw.append(view[pos:end])  # a view: the batch join copies the tensor bytes once
         elif tag == _INPUT:
             inputs.append(buf[pos:end])
         elif tag == _OUTPUT:
@@ -103,13 +131,8 @@ def _decode_common(specs: dict[str, TensorSpec], buf: bytes) -> Decoded | None:
             # The worker does not use request parameters (the gateway read them), but protobuf
             # would refuse a malformed one: parse each distinct entry once.
             entry = buf[pos:end]
-            if entry not in _parameters_seen:
-                try:
-                    pb.ModelInferRequest.ParametersEntry.FromString(entry)
-                except Exception:
-                    return None
-                if len(entry) <= _SEEN_KEY_MAX and len(_parameters_seen) < _SEEN_MAX:
-                    _parameters_seen.add(entry)
+            if entry not in _parameters_seen and _parse_once(_parameters_seen, entry, _parameter_of) is None:
+                return None
         else:  # the id, the model's name or version: protobuf refuses bad UTF-8 in any of them
             try:
                 text = buf[pos:end].decode()
@@ -121,17 +144,11 @@ def _decode_common(specs: dict[str, TensorSpec], buf: bytes) -> Decoded | None:
     if not inputs or len(raw) != len(inputs):
         return None
     shapes: dict[str, tuple[int, ...]] = {}
-    by_name: dict[str, bytes] = {}
+    by_name: dict[str, bytes | memoryview] = {}
     for i, field in enumerate(inputs):
-        seen = _inputs_seen.get(field)
+        seen = _inputs_seen.get(field) or _parse_once(_inputs_seen, field, _input_of)
         if seen is None:
-            try:
-                t = pb.ModelInferRequest.InferInputTensor.FromString(field)
-            except Exception:
-                return None
-            seen = (t.name, tuple(t.shape))
-            if len(field) <= _SEEN_KEY_MAX and len(_inputs_seen) < _SEEN_MAX:
-                _inputs_seen[field] = seen
+            return None
         name = seen[0]
         if name not in specs:
             return None
@@ -140,13 +157,8 @@ def _decode_common(specs: dict[str, TensorSpec], buf: bytes) -> Decoded | None:
     requested = []
     for field in outputs:
         out = _outputs_seen.get(field)
-        if out is None:
-            try:
-                out = pb.ModelInferRequest.InferRequestedOutputTensor.FromString(field).name
-            except Exception:
-                return None
-            if len(field) <= _SEEN_KEY_MAX and len(_outputs_seen) < _SEEN_MAX:
-                _outputs_seen[field] = out
+        if out is None and (out := _parse_once(_outputs_seen, field, _output_of)) is None:
+            return None
         requested.append(out)
     return Decoded(request_id, tuple(requested), shapes, by_name, None)
 
@@ -161,7 +173,7 @@ def _decode_message(specs: dict[str, TensorSpec], payload: bytes) -> Decoded:
     requested = tuple(o.name for o in req.outputs)
     raw_list = req.raw_input_contents
     if raw_list:
-        raw = {t.name: raw_list[i] for i, t in enumerate(req.inputs)}
+        raw: dict[str, bytes | memoryview] = {t.name: raw_list[i] for i, t in enumerate(req.inputs)}
         return Decoded(req.id, requested, shapes, raw, None)
     arrays = {}
     for t in req.inputs:
