@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import hiredis
 
-from ferry.redis_url import RedisTarget
+from ferry import resp_sentinel
 from ferry.redis_url import parse as parse_url
 
 Command = Sequence[bytes | str | int | float]
@@ -156,7 +156,7 @@ class RespClient:
             if t.scheme == "unix":
                 _, proto = await loop.create_unix_connection(self._protocol, t.path)
             else:
-                host, port = await self._primary(t) if t.sentinel else (t.host, t.port)
+                host, port = await resp_sentinel.primary(t, self.timeout_s) if t.sentinel else (t.host, t.port)
                 _, proto = await loop.create_connection(self._protocol, host, port, ssl=t.ssl_context())
             setup: list[Command] = []
             if t.password is not None:
@@ -175,26 +175,9 @@ class RespClient:
                     # The Sentinels have not noticed a failover yet: try again shortly.
                     proto.transport.close()  # type: ignore[union-attr]
                     raise RedisBusy(f"the primary the Sentinels named for {t.service!r} is not a primary (yet)")
+        if t.sentinel:
+            resp_sentinel.follow(t, proto, (host, port), self.timeout_s)
         return proto
-
-    async def _primary(self, t: RedisTarget) -> tuple[str, int]:
-        """Ask the Sentinels, in turn, where the primary of ``t.service`` is now."""
-        loop = asyncio.get_running_loop()
-        problems = []
-        for host, port in t.sentinels:
-            try:
-                _, proto = await loop.create_connection(_Protocol, host, port)
-            except OSError as exc:
-                problems.append(f"{host}:{port}: {exc}")
-                continue
-            try:
-                (addr,) = await self._send(proto, [("SENTINEL", "get-master-addr-by-name", t.service)])
-            finally:
-                proto.transport.close()  # type: ignore[union-attr]
-            if isinstance(addr, list) and len(addr) == 2:
-                return addr[0].decode(), int(addr[1])
-            problems.append(f"{host}:{port}: knows no primary named {t.service!r}")
-        raise ConnectionError(f"no Sentinel named a primary for {t.service!r} ({'; '.join(problems)})")
 
     @staticmethod
     def _send(proto: _Protocol, commands: Sequence[Command]) -> asyncio.Future[list[Any]]:
@@ -295,9 +278,14 @@ async def listen(url: str, timeout_s: float, channels: Sequence[str],
     try:
         # One SUBSCRIBE per channel: each has one confirmation, so replies match commands.
         await client.execute([("SUBSCRIBE", ch) for ch in channels])
+        subscribed = client.connections
         while True:
             await asyncio.sleep(ping_s)
             await client.execute([("PING",)])
+            if client.connections != subscribed:
+                # Closed while idle (a Sentinel switch, CLIENT KILL): the PING reconnected, but
+                # the new connection subscribes to nothing.
+                raise ConnectionError("the subscription's connection was closed")
     finally:
         await client.close()
 

@@ -1,0 +1,138 @@
+"""ferry.resp through Redis Sentinel, against real redis-servers (a primary, its replica and one Sentinel).
+
+After a planned failover (SENTINEL FAILOVER) the old primary stays a writable primary until a Sentinel
+converts it into a replica, about 8 s after it first sees it report the wrong role; whatever it accepts
+meanwhile is discarded when it resyncs.  A client whose connection predates the failover must move to
+the new primary as soon as the Sentinels name it, not when the old one is converted: otherwise a
+broker's acknowledgements are "confirmed" on a server that then forgets them, and a subscription stays
+deaf to what is published on the new primary (both seen in the Sentinel chaos run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+
+from ferry.cluster import find_redis_server, free_port
+from ferry.resp import RespClient, listen
+
+# The Sentinels convert a demoted primary no sooner than this after they first see it (sentinel.c:
+# SENTINEL_PUBLISH_PERIOD * 4); a client must have moved well before.
+CONVERSION_S = 8.0
+MOVE_BOUND_S = 3.0
+
+
+@dataclass
+class Sentinel:
+    url: str
+    port: int
+    primaries: list[int]
+
+    def named(self) -> int:
+        return int(redis.Redis(port=self.port).execute_command("SENTINEL", "get-master-addr-by-name", "ferry")[1])
+
+
+def _wait(what: str, ok: object, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not ok():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} within {timeout_s} s")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def sentinel(tmp_path: Path) -> Iterator[Sentinel]:
+    binary = find_redis_server()
+    if binary is None:
+        pytest.skip("no redis-server")
+    primary, replica, port = free_port(), free_port(), free_port()
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str) -> None:
+        procs.append(subprocess.Popen([binary, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      start_new_session=True))
+
+    try:
+        for p in (primary, replica):
+            d = tmp_path / str(p)
+            d.mkdir()
+            start("--port", str(p), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(d),
+                  *(("--replicaof", "127.0.0.1", str(primary)) if p == replica else ()))
+        _wait("the replica in sync", lambda: _in_sync(replica))
+        conf = tmp_path / "sentinel.conf"
+        conf.write_text(f"port {port}\nbind 127.0.0.1\nsentinel monitor ferry 127.0.0.1 {primary} 1\n"
+                        "sentinel down-after-milliseconds ferry 1000\nsentinel failover-timeout ferry 5000\n")
+        start(str(conf), "--sentinel")
+        s = Sentinel(f"redis+sentinel://127.0.0.1:{port}/ferry/0", port, [primary, replica])
+        _wait("the Sentinel knows the replica", lambda: _sentinel_sees_replica(port))
+        yield s
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def _in_sync(port: int) -> bool:
+    try:
+        return redis.Redis(port=port).info("replication").get("master_link_status") == "up"
+    except redis.ConnectionError:
+        return False
+
+
+def _sentinel_sees_replica(port: int) -> bool:
+    try:
+        replicas = redis.Redis(port=port).sentinel_slaves("ferry")
+    except redis.ConnectionError:
+        return False
+    return any(r.get("master-link-status") == "ok" and not r.get("is_sdown") for r in replicas)
+
+
+async def _server_port(client: RespClient) -> int:
+    info = (await client.call("INFO", "server")).decode()
+    return int(next(line.split(":")[1] for line in info.splitlines() if line.startswith("tcp_port:")))
+
+
+@pytest.mark.timeout(60)
+def test_connections_follow_a_planned_failover_before_the_old_primary_is_converted(sentinel: Sentinel) -> None:
+    async def run() -> None:
+        client = RespClient(sentinel.url, 2.0)
+        old = sentinel.primaries[0]
+        assert await _server_port(client) == old
+        heard: list[bytes] = []
+        subscription = asyncio.create_task(
+            listen(sentinel.url, 2.0, ["ch"], lambda _c, data: heard.append(data), ping_s=0.2))
+
+        redis.Redis(port=sentinel.port).execute_command("SENTINEL", "FAILOVER", "ferry")
+        await asyncio.to_thread(_wait, "the Sentinel names the replica", lambda: sentinel.named() != old)
+        named = time.monotonic()
+        new = sentinel.named()
+
+        # The old primary is still a primary (nothing has converted it yet): a connection left on it
+        # would go on writing there without an error.
+        assert redis.Redis(port=old).info("replication")["role"] == "master"
+        while True:
+            try:
+                if await _server_port(client) == new:
+                    break
+            except ConnectionError:
+                pass  # the stale connection was dropped under this call: the next one reconnects
+            assert time.monotonic() - named < MOVE_BOUND_S, "the client still talks to the demoted primary"
+            await asyncio.sleep(0.05)
+        await client.call("SET", "after-failover", "1")
+        assert redis.Redis(port=new).get("after-failover") == b"1"
+
+        # The subscription ended (the caller subscribes again); it did not stay on the old primary.
+        done, _ = await asyncio.wait([subscription], timeout=MOVE_BOUND_S - (time.monotonic() - named))
+        assert done, "the subscription stayed on the demoted primary"
+        assert isinstance(subscription.exception(), ConnectionError | OSError | TimeoutError)
+        assert time.monotonic() - named < CONVERSION_S
+        await client.close()
+
+    asyncio.run(run())
