@@ -91,9 +91,11 @@ class Dispatcher:
         self._cancels: dict[ModelVersion, list[int]] = defaultdict(list)
         # corr -> (where it queues, the request): what a replaced connection may have lost
         self._inflight: dict[int, tuple[_Outbox, Queued]] = {}
-        self._connection = 0
+        # (submitter's, listener's) connections opened so far: see _resend_if_reconnected
+        self._connection = (0, 0)
         self._rtt = metrics.REDIS_RTT.labels("gateway")
-        self._round: list[tuple[_Outbox, Queued, asyncio.Future[Reply] | None]] = []  # what this round sends
+        # What the round in flight sends (empty between rounds).
+        self._round: list[tuple[_Outbox, Queued, asyncio.Future[Reply] | None]] = []
         self._round_cancels: dict[ModelVersion, list[int]] = {}
         self._down_since: float | None = None  # since when Redis has been unreachable
         self._sha_enqueue = scripts.sha(scripts.ENQUEUE)
@@ -138,6 +140,9 @@ class Dispatcher:
         while True:
             await asyncio.sleep(keys.HEARTBEAT_INTERVAL_S)
             await self._heartbeat_once()
+            # A connection replaced after the last round (a failover at the end of a burst) must
+            # not wait for the next request to have what it carried re-sent.
+            self._resend_if_reconnected()
 
     async def close(self) -> None:
         await cancel_all(self._tasks)
@@ -257,50 +262,60 @@ class Dispatcher:
             self._last_group = sum(len(q) for q in self._outbox.values())
             commands, admits = self._commands()
             try:
-                try:
-                    sent_at = time.perf_counter()
-                    replies = await self._resp.execute(commands, raise_errors=False)
-                    self._rtt.observe(time.perf_counter() - sent_at)
-                    if any(isinstance(r, Exception) and str(r).startswith("NOSCRIPT") for r in replies):
-                        # Redis restarted since the scripts were loaded: nothing ran; load and resend.
-                        await scripts.load_all(self._resp)
-                        replies = await self._resp.execute(commands, raise_errors=False)
-                    if busy := next((r for r in replies if is_transient(r)), None):
-                        # Loading its data, failing over: like an outage, retried for a while.
-                        raise RedisBusy(str(busy))
-                except REDIS_DOWN as exc:
-                    if self._retry_later(exc):
-                        await asyncio.sleep(0.05)
-                        self._ready.set()
-                        continue
-                    replies = [unavailable(self.settings.redis_url, exc)] * len(commands)
-                else:
-                    self._down_since = None
-                self._resend_if_reconnected()
-                for (mv, futures), reply in zip(admits, replies, strict=True):
-                    if isinstance(reply, int) and reply < 0:
-                        err: FerryError | None = ResourceExhausted(
-                            f"the queue of model {mv.name!r} v{mv.version} is full: {-1 - reply} requests wait, "
-                            f"max_queue_size is {mv.settings.queue_policy.max_queue_size}; retry later, "
-                            "add workers, or raise max_queue_size in its config.pbtxt"
-                        )
-                    elif isinstance(reply, FerryError):
-                        err = reply
-                    elif isinstance(reply, Exception):
-                        log.error("queueing %d requests failed: %s", len(futures), reply)
-                        err = Unavailable(f"could not queue the request: {reply}")
-                    else:
-                        err = None
-                    if err is not None:
-                        for fut in futures:
-                            if fut is not None:  # None: a re-sent copy; the first may have made it
-                                _fail(fut, err)
+                if await self._round_trip(commands, admits):
+                    continue
+                await asyncio.sleep(0.05)  # put back (Redis unreachable): sent again shortly
+                self._ready.set()
             except Exception:
                 log.exception("queueing requests failed")
                 for _, futures in admits:
                     for fut in futures:
                         if fut is not None:
                             _fail(fut, Unavailable("could not queue the request (gateway error; see its log)"))
+            finally:
+                self._round = []
+                self._round_cancels = {}
+
+    async def _round_trip(self, commands: list[list[bytes | str | int]],
+                          admits: list[tuple[ModelVersion, list[Any]]]) -> bool:
+        """Send one round and settle its futures; False if it was put back to be sent again."""
+        try:
+            sent_at = time.perf_counter()
+            replies = await self._resp.execute(commands, raise_errors=False)
+            self._rtt.observe(time.perf_counter() - sent_at)
+            if any(isinstance(r, Exception) and str(r).startswith("NOSCRIPT") for r in replies):
+                # Redis restarted since the scripts were loaded: nothing ran; load and resend.
+                await scripts.load_all(self._resp)
+                replies = await self._resp.execute(commands, raise_errors=False)
+            if busy := next((r for r in replies if is_transient(r)), None):
+                # Loading its data, failing over: like an outage, retried for a while.
+                raise RedisBusy(str(busy))
+        except REDIS_DOWN as exc:
+            if self._retry_later(exc):
+                return False
+            replies = [unavailable(self.settings.redis_url, exc)] * len(commands)
+        else:
+            self._down_since = None
+        self._resend_if_reconnected()
+        for (mv, futures), reply in zip(admits, replies, strict=True):
+            if isinstance(reply, int) and reply < 0:
+                err: FerryError | None = ResourceExhausted(
+                    f"the queue of model {mv.name!r} v{mv.version} is full: {-1 - reply} requests wait, "
+                    f"max_queue_size is {mv.settings.queue_policy.max_queue_size}; retry later, "
+                    "add workers, or raise max_queue_size in its config.pbtxt"
+                )
+            elif isinstance(reply, FerryError):
+                err = reply
+            elif isinstance(reply, Exception):
+                log.error("queueing %d requests failed: %s", len(futures), reply)
+                err = Unavailable(f"could not queue the request: {reply}")
+            else:
+                err = None
+            if err is not None:
+                for fut in futures:
+                    if fut is not None:  # None: a re-sent copy; the first may have made it
+                        _fail(fut, err)
+        return True
 
     def _retry_later(self, exc: BaseException) -> bool:
         """Redis is unreachable: put this round back to be sent again shortly, unless Redis has
@@ -322,19 +337,25 @@ class Dispatcher:
         return True
 
     def _resend_if_reconnected(self) -> None:
-        """If the submitter's connection is a new one, queue again every request still waiting
-        that went out on an earlier one.  This runs after the first round on a new connection,
-        so those are all the waiting requests except this round's and the ones not sent yet."""
-        now = self._resp.connections
-        if now == self._connection:
+        """If the submitter's or the listener's connection is a new one, queue again every request
+        still waiting, except the ones not sent yet and the round in flight.  A replaced submitter
+        connection may have lost what it wrote (a restart, a failover); a replaced listener
+        connection may have lost replies it had popped but not read (a connection dropped with a
+        reply in transit, e.g. by ferry.resp_sentinel).  A re-sent request that was not lost is
+        answered twice, and the second reply dropped.  Runs after each round and each heartbeat."""
+        now = (self._resp.connections, self._listen.connections)
+        before, self._connection = self._connection, now
+        if now == before:
             return
-        self._connection = now
-        # The server behind the new connection may not have this gateway's alive key (a failover to
-        # a replica that lagged, a restart without persistence): workers drop replies to a gateway
-        # without one, so say it is alive now rather than at the next heartbeat.
-        beat = asyncio.get_running_loop().create_task(self._heartbeat_once(), name="heartbeat-now")
-        self._tasks.append(beat)
-        beat.add_done_callback(self._tasks.remove)
+        if now[0] != before[0]:
+            # The server behind the new connection may not have this gateway's alive key (a failover
+            # to a replica that lagged, a restart without persistence): workers drop replies to a
+            # gateway without one, so say it is alive now rather than at the next heartbeat.
+            beat = asyncio.get_running_loop().create_task(self._heartbeat_once(), name="heartbeat-now")
+            self._tasks.append(beat)
+            beat.add_done_callback(self._tasks.remove)
+        if not any(old and new != old for old, new in zip(before, now, strict=True)):
+            return  # first connections: nothing went out on an earlier one
         fresh = {q.corr for _, q, _ in self._round} | {q.corr for out in self._outbox.values() for q, _ in out}
         again = [(where, queued) for corr, (where, queued) in self._inflight.items()
                  if corr not in fresh and not self._pending[corr].done()]
@@ -364,6 +385,8 @@ class Dispatcher:
                     if not bundles:
                         popped = await listen.call("BLPOP", self.reply_key, LISTEN_BLOCK_S)
                         bundles = [popped[1]] if popped else ()
+                if listen.connections != self._connection[1]:
+                    self._resend_if_reconnected()
                 backoff = 0.05
             except REDIS_DOWN as exc:
                 log.warning("reply listener: redis unreachable (%s); retrying in %.2fs", exc, backoff)

@@ -21,7 +21,7 @@ import tritonclient.grpc as tc
 from onnx import TensorProto, helper, numpy_helper
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import Cluster
+from tests.conftest import Cluster, require_edge
 from tests.models import _save, slow_model
 
 pytestmark = pytest.mark.timeout(120)
@@ -161,6 +161,47 @@ def test_requests_of_a_killed_broker_are_taken_over(repo: Path, tmp_path: Path) 
         assert "from dead brokers" in cluster.logs()
         assert victim.wait(5) == -9
         cluster.procs = [(role, p) for role, p in cluster.procs if p is not victim]
+        _finish(cluster)
+    finally:
+        cluster.close()
+
+
+@pytest.mark.parametrize("edge", [False, True], ids=["gateway", "edge"])
+def test_a_request_lost_with_its_connection_is_sent_again_without_more_traffic(repo: Path, tmp_path: Path,
+                                                                                edge: bool) -> None:
+    """A failover at the end of a burst: the gateway's connection is replaced and what it had written
+    is gone, and no further request comes to make it notice.  Its heartbeat notices, and re-sends."""
+    if edge:
+        require_edge()
+    cluster = Cluster(repo, tmp_path, edge=edge)
+    try:
+        client = cluster.client()
+        assert _plus_one(client, 1.0) == 2.0  # everything connected
+        # No broker, so the next request stays in the stream where the "failover" can lose it.
+        broker = next(p for role, p in cluster.procs if role == "broker")
+        broker.kill()
+        broker.wait()
+        cluster.procs = [(role, p) for role, p in cluster.procs if p is not broker]
+        r = cluster.redis_client()
+        stream, queued = "ferry:{m:plus_one}:v1:requests", "ferry:{m:plus_one}:v1:queued"
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(_plus_one, client, 2.0, "", 20)
+            deadline = time.monotonic() + 10
+            while not r.xlen(stream):
+                assert time.monotonic() < deadline, "the request never reached its stream"
+                time.sleep(0.01)
+            # What a failover to a replica that had not received the write loses: the entry and its
+            # admission (one script wrote both); then every connection is replaced.
+            r.xtrim(stream, maxlen=0)
+            r.decr(queued)
+            r.client_kill_filter(_type="normal", skipme=True)
+            cluster.spawn("broker")
+            assert answer.result(timeout=30) == 3.0
+        assert "queueing 1 waiting request(s) again" in cluster.logs()
+        deadline = time.monotonic() + 10
+        while r.zcard("ferry:brokers") > 1:  # the killed broker's registration, until it expires
+            assert time.monotonic() < deadline, r.zrange("ferry:brokers", 0, -1, withscores=True)
+            time.sleep(0.05)
         _finish(cluster)
     finally:
         cluster.close()

@@ -8,8 +8,11 @@ package main
 //     by the gateway's ENQUEUE script; under load at most once per flush_interval_us.
 //   - The listener (replies.go) pops this edge's reply list in bulk (BLMPOP ... COUNT) and
 //     completes each call by correlation number; a reply for a call that already ended is dropped.
-//   - When the submitter's connection is replaced, every call still waiting is queued
-//     again (Redis may have lost it; running twice beats never answering), as in Python.
+//   - When the submitter's or the listener's connection is replaced, every call still
+//     waiting is queued again (Redis may have lost it, or a reply popped in transit; running
+//     twice beats never answering), as in Python.  The alive key is refreshed on the
+//     submitter's connection, so a connection broken after the last request is noticed (and
+//     what it carried re-sent) within a heartbeat, not at the next request.
 
 import (
 	"context"
@@ -76,11 +79,13 @@ type dispatcher struct {
 	wake      chan struct{}
 	failures  chan failure
 
-	late   uint64 // replies that found no waiting call (under mu)
-	resent uint64 // requests queued again after a reconnect (under mu)
-	stop   chan struct{}
-	wg     sync.WaitGroup
-	hasPop bool // Redis 7: BLMPOP
+	late         uint64 // replies that found no waiting call (under mu)
+	resent       uint64 // requests queued again after a reconnect (under mu)
+	beatDue      bool   // the next round refreshes the alive key (under mu)
+	listenerLost bool   // the next round re-sends what waits (under mu)
+	stop         chan struct{}
+	wg           sync.WaitGroup
+	hasPop       bool // Redis 7: BLMPOP
 }
 
 type failure struct {
@@ -222,6 +227,8 @@ func (d *dispatcher) countFailure(spec *modelSpec, started time.Time) {
 type round struct {
 	calls   []*call
 	cancels map[string][]uint64
+	beat    bool // refresh the alive key in this round
+	resend  bool // the listener's connection was replaced: queue every waiting call again
 }
 
 // commands builds one round trip: a group per model version in arrival order, split at
@@ -289,8 +296,8 @@ func (d *dispatcher) take() (round, int) {
 		d.timer.Stop()
 		d.timer = nil
 	}
-	r := round{calls: d.outbox, cancels: d.cancels}
-	d.outbox, d.cancels = nil, map[string][]uint64{}
+	r := round{calls: d.outbox, cancels: d.cancels, beat: d.beatDue, resend: d.listenerLost}
+	d.outbox, d.cancels, d.beatDue, d.listenerLost = nil, map[string][]uint64{}, false, false
 	d.lastFlush, d.lastGroup = time.Now(), len(r.calls)
 	return r, len(d.pending)
 }
@@ -324,11 +331,11 @@ func (d *dispatcher) submitter() {
 			}
 			fresh = true
 		}
-		if fresh {
+		if fresh || r.resend {
 			r = d.withResent(r)
 		}
 		cmds, admits := d.commands(r, holding)
-		if fresh {
+		if fresh || r.beat {
 			cmds = append(cmds, d.aliveCommand())
 			admits = append(admits, nil)
 		}

@@ -1,8 +1,8 @@
 package main
 
 // The reply side of the dispatcher: the listener that pops this edge's reply list in bulk
-// and completes each waiting call, and the control loop that keeps the edge's alive key
-// fresh and writes ModelStatistics' failure counts (broker/messages.py, item 4).
+// and completes each waiting call, and the control loop that times the edge's heartbeat
+// and writes ModelStatistics' failure counts (broker/messages.py, item 4).
 
 import (
 	"encoding/binary"
@@ -17,6 +17,7 @@ func (d *dispatcher) listener() {
 	var conn *respConn
 	backoff := 50 * time.Millisecond
 	block := d.rtt + listenBlockS*time.Second
+	lost := false // a connection this listener had was closed
 	for {
 		select {
 		case <-d.stop:
@@ -38,6 +39,14 @@ func (d *dispatcher) listener() {
 				continue
 			}
 			backoff = 50 * time.Millisecond
+			if lost {
+				// Replies popped on the old connection may never have been read.
+				d.mu.Lock()
+				d.listenerLost = true
+				d.mu.Unlock()
+				d.signal()
+				lost = false
+			}
 		}
 		var bundles []interface{}
 		var err error
@@ -69,6 +78,7 @@ func (d *dispatcher) listener() {
 			if _, isReply := err.(RespError); !isReply {
 				conn.close()
 				conn = nil
+				lost = true
 			}
 			log.Printf("reply listener: %v", err)
 			time.Sleep(backoff)
@@ -105,7 +115,9 @@ func (d *dispatcher) deliver(bundle []byte) {
 	}
 }
 
-// control keeps the alive key fresh and writes the failure counts of ModelStatistics.
+// control has the submitter refresh the alive key every heartbeat (on the connection its
+// requests go through: a broken one is then noticed without waiting for a request), and
+// writes the failure counts of ModelStatistics on a connection of its own.
 func (d *dispatcher) control() {
 	defer d.wg.Done()
 	tick := time.NewTicker(time.Duration(d.h.HeartbeatS * float64(time.Second)))
@@ -122,7 +134,11 @@ func (d *dispatcher) control() {
 		case <-d.stop:
 			return
 		case <-tick.C:
-			cmds = append(cmds, d.aliveCommand())
+			d.mu.Lock()
+			d.beatDue = true
+			d.mu.Unlock()
+			d.signal()
+			continue
 		case f := <-d.failures:
 			cmds = append(cmds, []interface{}{"HINCRBY", f.stats, d.h.FailCount, 1},
 				[]interface{}{"HINCRBY", f.stats, d.h.FailNs, f.ns})
