@@ -2,11 +2,12 @@
 Redis restarted on its AOF, its link cut, a Sentinel-managed Redis failed over (planned, and by
 killing the primary), a Redis Cluster primary killed; not one request lost, late, wrong or
 answered twice.  The Sentinel and Cluster runs are marked ``chaos`` and run with scripts/chaos,
-not in the default tests. The Sentinel run fails now and then (3 of about 37 runs by 2026-11-27,
-cause not found yet): every request was answered once and correctly, but one or two request-stream
-entries written ~2 s after a failover stayed pending in the brokers' group (and their queue count
-with them); no broker held them at its stop (each counted their acknowledgement as confirmed) and
-none took them back."""
+not in the default tests. The Sentinel run used to fail now and then (3 of about 37 runs by
+2026-11-27): request entries left pending because connections opened before a planned failover kept
+writing to the demoted primary, which stays writable for ~8 s (fixed: ferry/resp_sentinel.py,
+tests/test_sentinel.py); then one request answered after its deadline in 47 runs, consistent with
+a connection replaced at the end of the load and nothing re-sending what it carried (fixed: the
+gateway re-sends within a heartbeat, tests/test_recovery.py).  With both: 16 of 16 passed."""
 
 from __future__ import annotations
 
