@@ -22,6 +22,7 @@ import redis
 
 from ferry.cluster import find_redis_server, free_port
 from ferry.resp import RespClient, listen
+from ferry.resp_sentinel import WATCH_S
 
 # The Sentinels convert a demoted primary no sooner than this after they first see it (sentinel.c:
 # SENTINEL_PUBLISH_PERIOD * 4); a client must have moved well before.
@@ -34,6 +35,7 @@ class Sentinel:
     url: str
     port: int
     primaries: list[int]
+    proc: subprocess.Popen[bytes]
 
     def named(self) -> int:
         return int(redis.Redis(port=self.port).execute_command("SENTINEL", "get-master-addr-by-name", "ferry")[1])
@@ -70,7 +72,7 @@ def sentinel(tmp_path: Path) -> Iterator[Sentinel]:
         conf.write_text(f"port {port}\nbind 127.0.0.1\nsentinel monitor ferry 127.0.0.1 {primary} 1\n"
                         "sentinel down-after-milliseconds ferry 1000\nsentinel failover-timeout ferry 5000\n")
         start(str(conf), "--sentinel")
-        s = Sentinel(f"redis+sentinel://127.0.0.1:{port}/ferry/0", port, [primary, replica])
+        s = Sentinel(f"redis+sentinel://127.0.0.1:{port}/ferry/0", port, [primary, replica], procs[-1])
         _wait("the Sentinel knows the replica", lambda: _sentinel_sees_replica(port))
         yield s
     finally:
@@ -133,6 +135,25 @@ def test_connections_follow_a_planned_failover_before_the_old_primary_is_convert
         assert done, "the subscription stayed on the demoted primary"
         assert isinstance(subscription.exception(), ConnectionError | OSError | TimeoutError)
         assert time.monotonic() - named < CONVERSION_S
+        await client.close()
+
+    asyncio.run(run())
+
+
+@pytest.mark.timeout(60)
+def test_connections_stay_while_no_sentinel_answers(sentinel: Sentinel) -> None:
+    """Following must not turn a Sentinel outage into a Redis outage: with no Sentinel to ask, the
+    connections already open keep serving (a new one cannot be opened, as before)."""
+    async def run() -> None:
+        client = RespClient(sentinel.url, 2.0)
+        await client.call("SET", "k", "1")
+        sentinel.proc.kill()
+        sentinel.proc.wait()
+        deadline = time.monotonic() + 4 * WATCH_S + 1  # several questions go unanswered
+        while time.monotonic() < deadline:
+            assert await client.call("GET", "k") == b"1"
+            await asyncio.sleep(0.05)
+        assert client.connections == 1
         await client.close()
 
     asyncio.run(run())
