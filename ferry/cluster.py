@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import random
 import shutil
 import signal
 import socket
@@ -25,8 +26,33 @@ from pathlib import Path
 from ferry.errors import ConfigError
 
 
+def _ephemeral_low() -> int:
+    """The bottom of the kernel's ephemeral port range (where binds to port 0 land)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+# Ports handed out by this process so far, in a random order: never the same one twice.
+_PORTS = iter(random.sample(range(10_000, max(10_001, min(_ephemeral_low(), 50_000))), k=1_000))
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A TCP port free on 127.0.0.1 now, for a process started next to listen on.
+
+    Chosen below the ephemeral range: a port the kernel picks for someone else's bind to port 0 (a
+    metrics server on an ephemeral port, a client socket) comes from that range, so it cannot take
+    this one between this check and the listener's bind, as it once did in a test run.
+    """
+    for port in _PORTS:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # a thousand taken: fall back to the kernel's choice
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
