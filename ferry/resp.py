@@ -25,7 +25,6 @@ from typing import Any, Protocol
 
 import hiredis
 
-from ferry import resp_sentinel
 from ferry.redis_url import parse as parse_url
 
 Command = Sequence[bytes | str | int | float]
@@ -153,6 +152,9 @@ class RespClient:
         t = parse_url(self.url)
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(self.timeout_s):
+            if t.sentinel:
+                # Here, not at the top: ferry.resp_sentinel asks the Sentinels with this module's client.
+                from ferry import resp_sentinel
             if t.scheme == "unix":
                 _, proto = await loop.create_unix_connection(self._protocol, t.path)
             else:

@@ -23,9 +23,8 @@ import logging
 import weakref
 from typing import Protocol
 
-import hiredis
-
 from ferry.redis_url import RedisTarget
+from ferry.resp import RespClient, RespError
 
 log = logging.getLogger(__name__)
 
@@ -42,53 +41,32 @@ class _Connection(Protocol):
     def transport(self) -> asyncio.Transport | None: ...
 
 
-class _Link:
-    """One connection to a Sentinel, kept between questions (a question every WATCH_S would
-    otherwise leave a socket in TIME_WAIT each time)."""
+def _sentinel(host: str, port: int, timeout_s: float) -> RespClient:
+    """A client for one Sentinel (ferry.resp's own, so timeouts and reconnects behave as elsewhere)."""
+    return RespClient(f"redis://{host}:{port}", timeout_s)
 
-    def __init__(self, host: str, port: int, timeout_s: float) -> None:
-        self.where = f"{host}:{port}"
-        self.host, self.port, self.timeout_s = host, port, timeout_s
-        self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
 
-    async def primary(self, service: str) -> Address | None:
-        """The primary this Sentinel names for ``service`` (None: it knows none); OSError/TimeoutError
-        if it cannot be asked."""
-        async with asyncio.timeout(self.timeout_s):
-            if self.streams is None:
-                self.streams = await asyncio.open_connection(self.host, self.port)
-            reader, writer = self.streams
-            name = service.encode()
-            writer.write(b"*3\r\n$8\r\nSENTINEL\r\n$23\r\nget-master-addr-by-name\r\n$%d\r\n%s\r\n"
-                         % (len(name), name))
-            parser = hiredis.Reader()
-            while (reply := parser.gets()) is False:
-                data = await reader.read(4096)
-                if not data:
-                    raise ConnectionError("the Sentinel closed the connection")
-                parser.feed(data)
-        if isinstance(reply, list) and len(reply) == 2:
-            return reply[0].decode(), int(reply[1])
-        return None
-
-    def close(self) -> None:
-        if self.streams is not None:
-            self.streams[1].close()
-            self.streams = None
+async def _named(sentinel: RespClient, service: str) -> Address | None:
+    """The primary ``sentinel`` names for ``service``, or None if it knows none; OSError, TimeoutError
+    or RespError if it cannot be asked."""
+    reply = await sentinel.call("SENTINEL", "get-master-addr-by-name", service)
+    if isinstance(reply, list) and len(reply) == 2:
+        return reply[0].decode(), int(reply[1])
+    return None
 
 
 async def primary(t: RedisTarget, timeout_s: float) -> Address:
     """Ask the Sentinels, in turn, where the primary of ``t.service`` is now."""
     problems = []
     for host, port in t.sentinels:
-        link = _Link(host, port, timeout_s)
+        sentinel = _sentinel(host, port, timeout_s)
         try:
-            addr = await link.primary(t.service)
-        except (OSError, TimeoutError) as exc:
+            addr = await _named(sentinel, t.service)
+        except (OSError, TimeoutError, RespError) as exc:
             problems.append(f"{host}:{port}: {exc or type(exc).__name__}")
             continue
         finally:
-            link.close()
+            await sentinel.close()
         if addr is not None:
             return addr
         problems.append(f"{host}:{port}: knows no primary named {t.service!r}")
@@ -110,28 +88,30 @@ class _Watch:
             self.task = asyncio.get_running_loop().create_task(self._run(), name=f"sentinel-watch {self.t.service}")
 
     async def _run(self) -> None:
-        links = [_Link(h, p, self.timeout_s) for h, p in self.t.sentinels]
+        # Connections kept between questions: one every WATCH_S would otherwise leave a socket in
+        # TIME_WAIT each time.
+        sentinels = [_sentinel(h, p, self.timeout_s) for h, p in self.t.sentinels]
         try:
             while True:
                 await asyncio.sleep(WATCH_S)
                 if not any(c.transport is not None for c in list(self.held)):
                     return  # nothing left to follow: the next connection starts a new task
-                named = await self._ask(links)
+                named = await self._ask(sentinels)
                 if named is not None:
                     self._drop_others(named)
         finally:
-            for link in links:
-                link.close()
+            for sentinel in sentinels:
+                await sentinel.close()
 
-    async def _ask(self, links: list[_Link]) -> Address | None:
-        for i, link in enumerate(links):
+    async def _ask(self, sentinels: list[RespClient]) -> Address | None:
+        for i, sentinel in enumerate(sentinels):
             try:
-                named = await link.primary(self.t.service)
-            except (OSError, TimeoutError, hiredis.ProtocolError, ValueError):
-                link.close()  # down, slow, or not a Sentinel: ask the next one
+                named = await _named(sentinel, self.t.service)
+            except (OSError, TimeoutError, RespError, ValueError):
+                sentinel.drop()  # down, slow, or not a Sentinel: ask the next one
                 continue
             if i:  # ask the one that answered first next time
-                links.insert(0, links.pop(i))
+                sentinels.insert(0, sentinels.pop(i))
             return named
         return None  # no Sentinel answered: keep the connections; a real outage shows on them
 
