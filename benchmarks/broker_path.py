@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from broker.messages import Member, Queued, batch_fields, group_fields, parse_group
 from broker.scheduler import ModelScheduler
-from broker.service import group_requests
+from broker.served import group_requests
 
 
 def one_group(sched: ModelScheduler, fields: dict[bytes, bytes]) -> None:

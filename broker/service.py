@@ -37,6 +37,11 @@ lost.
 A broker that runs its pool's worker in its own process (``--colocated-worker``)
 hands that pool's batches over in-process instead (broker.handoff): no batch
 entry, no done notice, and the worker's replies acknowledge the requests.
+
+Around this module: broker.served builds the per-model state the tasks share (and turns a
+request group into the scheduler's requests), broker.pool_loss handles pools that have lost
+every worker (rejecting, moving stranded batches, raising wake-up signals), broker.pools routes
+batches, broker.scheduler forms them, broker.reclaim takes over dead brokers' entries.
 """
 
 from __future__ import annotations
@@ -50,23 +55,12 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from broker import keys, scripts
 from broker.handoff import HANDED, Acks, HandedBatch, Handoff, Settled, Settling, ack_commands
 from broker.liveness import LiveWorkers
-from broker.messages import (
-    GROUP_STRIDE,
-    Group,
-    Member,
-    Stat,
-    batch_fields,
-    encode_reply,
-    parse_batch,
-    parse_cancel,
-    parse_done,
-    parse_group,
-)
+from broker.messages import Member, Stat, batch_fields, encode_reply, parse_cancel, parse_done, parse_group
+from broker.pool_loss import PoolLoss
 from broker.pools import Choice, Pool, fastest, least_loaded, route
 from broker.reclaim import (
     FORGET_EVERY,
@@ -77,12 +71,13 @@ from broker.reclaim import (
     forget_dead_consumers,
     live_members,
 )
-from broker.scheduler import Entry, LatencyModel, ModelScheduler, Rejection, Request
+from broker.scheduler import Entry, Rejection, Request
+from broker.served import Served, group_requests, release, serve, wall_ns
 from ferry import metrics
 from ferry.errors import Code
 from ferry.lifecycle import Wakeup, cancel_all
 from ferry.redis_conn import REDIS_DOWN, connect, ensure_group
-from ferry.repository import ModelVersion, Repository
+from ferry.repository import Repository
 from ferry.resp import DataClient, RespError, listen, range_entries, stream_entries
 from ferry.resp_cluster import data_client, stream_groups, subscriber_urls
 from ferry.settings import BrokerSettings
@@ -93,29 +88,6 @@ log = logging.getLogger("ferry.broker")
 IDLE_BLOCK_MS = 200  # how often an idle reader looks at its stop flag
 TIMER_SLACK_S = 0.0005
 RESYNC_S = 0.05  # a full pool's unfinished entries are checked this often, in case a done notice was lost
-WAKE_AFTER_S = 0.5  # a backlog this old wakes a model's idle pools while another of its pools is live
-WAKE_EVERY_S = 1.0  # the wake-up signal is refreshed at most this often per pool
-
-
-@dataclass(eq=False)
-class _Model:
-    mv: ModelVersion
-    stream: str
-    counter: str
-    sched: ModelScheduler
-    # The pools it may run on, cheapest first, each with its latency model for this model.
-    options: list[tuple[Pool, LatencyModel]] = field(default_factory=list)
-    done: list[Entry] = field(default_factory=list)  # entries to acknowledge in the next round
-    held: set[bytes] = field(default_factory=set)  # ids of entries read and not yet acknowledged
-    unserved_since: float | None = None  # since when no pool of it has had a live worker
-    backlog_since: float | None = None  # since when requests have waited after every dispatch round
-
-    @property
-    def labels(self) -> tuple[str, str]:
-        return self.mv.name, str(self.mv.version)
-
-    def latency_on(self, pool: str) -> LatencyModel | None:
-        return next((lat for p, lat in self.options if p.name == pool), None)
 
 
 class Broker:
@@ -133,34 +105,9 @@ class Broker:
         self.live = LiveWorkers(self._writes, settings.redis_url)
         self._stopping = asyncio.Event()
         self._kick = Wakeup()
-        self._models: dict[bytes, _Model] = {}
-        self._by_key: dict[tuple[str, int], _Model] = {}
-        self._pools: dict[str, Pool] = {}
+        self._models, self._pools = serve(settings, repo)
+        self._by_key = {model.mv.key: model for model in self._models.values()}
         self._turn = 0  # round-robin start among models
-        for mv in repo.all_versions():
-            s = mv.settings
-            window: float | None = None
-            if settings.batch_window == "fixed":
-                delay_us = settings.max_queue_delay_us if settings.max_queue_delay_us >= 0 else s.max_queue_delay_us
-                window = delay_us / 1e6
-            sched = ModelScheduler(
-                f"model {mv.name!r} v{mv.version}",
-                max_batch_size=s.max_batch_size,
-                levels=max(1, s.priority_levels),
-                delay_on_timeout=s.queue_policy.timeout_action == "DELAY",
-                window_s=window,
-                gather_s=settings.gather_us / 1e6,
-                just_in_time=settings.just_in_time,
-                preferred=s.preferred_batch_sizes,
-                static_sizes=s.static_batch_sizes,
-                starvation_limit=settings.starvation_limit,
-            )
-            model = _Model(mv, keys.request_stream(mv.name, mv.version), keys.queue_count(mv.name, mv.version), sched)
-            for choice in s.pools:
-                pool = self._pools.setdefault(choice.name, Pool(choice.name, keys.pool_stream(choice.name)))
-                model.options.append((pool, LatencyModel()))
-            self._models[model.stream.encode()] = model
-            self._by_key[mv.key] = model
         self._by_channel = {keys.done_channel(p.name).encode(): p for p in self._pools.values()}
         for model in self._models.values():
             metrics.PENDING.labels(*model.labels).set_function(functools.partial(_pending, model))
@@ -169,6 +116,8 @@ class Broker:
         self._rtt = metrics.REDIS_RTT.labels("broker")
         self.tracing = Tracing("ferry-broker", settings.otlp_endpoint, settings.trace_sample_ratio, settings.broker_id)
         self._model_list = list(self._models.values())
+        self.pool_loss = PoolLoss(self._models, self._pools, self._writes, self._workers, self._room,
+                                  settings.no_worker_grace_s)
         self._tasks: list[asyncio.Task[None]] = []
         self.batches_sent = 0
         self.rejected = 0
@@ -280,7 +229,7 @@ class Broker:
                         req = model.sched.cancel(gateway, corr)
                         if req is not None:
                             self.cancelled += 1
-                            self._release(model, req)
+                            release(model, req)
                     model.done.append(Entry(entry_id, 0, 0))
                     continue
                 g = parse_group(fields)
@@ -339,19 +288,6 @@ class Broker:
             age = (now_ms - int(first[0][0].split(b"-")[0])) / 1000 if first else 0.0
             metrics.OLDEST_AGE.labels(pool.name).set(max(0.0, age))
 
-    @staticmethod
-    def _release(model: _Model, req: Request, settling: Settling | None = None) -> None:
-        """A request left the queue, handled by the write ``settling`` is building (None: it needs no
-        write, a cancellation); its entry is acknowledged once all of its requests are handled."""
-        if settling is not None:
-            settling.settle(model, req)
-            return
-        entry = req.entry
-        entry.remaining -= 1
-        if entry.remaining == 0 and entry.settling == 0 and not entry.acked:
-            entry.acked = True
-            model.done.append(entry)
-
     # --- completions --------------------------------------------------------------------
 
     async def _listener(self) -> None:
@@ -384,7 +320,7 @@ class Broker:
             return
         self._finished(pool, self._by_key.get((model_name, version)), ids, rows, compute_ns, now)
 
-    def _finished(self, pool: Pool, model: _Model | None, ids: list[bytes], rows: int, compute_ns: int,
+    def _finished(self, pool: Pool, model: Served | None, ids: list[bytes], rows: int, compute_ns: int,
                   now: float, *, late_kick: bool = False) -> None:
         """Batches ``ids`` of ``pool`` are done: room in the pool, and what the model's latency model learns."""
         sent = [t for i in ids if (t := pool.finished(i, now)) is not None]
@@ -406,7 +342,7 @@ class Broker:
 
     # --- batches handed to the worker in this process (broker.handoff) -----------------------
 
-    def _hand(self, model: _Model, pool: Pool, batch: list[Request], members: list[Member], trace: str) -> bool:
+    def _hand(self, model: Served, pool: Pool, batch: list[Request], members: list[Member], trace: str) -> bool:
         """Give ``batch`` to the worker in this process, if it runs ``pool`` and has room."""
         handoff = self.handoff
         if handoff is None or pool.name != handoff.pool or not handoff.has_room() or any(
@@ -491,14 +427,14 @@ class Broker:
     def _room(self, pool: Pool) -> int:
         return max(1, self.live.pools[pool.name]) * self.settings.pool_depth - len(pool.unfinished)
 
-    def _use_fastest(self, model: _Model) -> None:
+    def _use_fastest(self, model: Served) -> None:
         """Deadline checks use the live pool that serves this model soonest: a request is
         hopeless only if no pool could make it."""
         best = fastest(model.options, self._workers)
         if best is not None:
             model.sched.latency = best
 
-    def _route(self, model: _Model, now: float, room: Callable[[Pool], float],
+    def _route(self, model: Served, now: float, room: Callable[[Pool], float],
                formed: dict[str, list[float]]) -> Choice | None:
         return route(model.options, workers=self._workers, room=room,
                      formed=lambda p: formed.get(p.name, ()), now=now, urgent=model.sched.next_check())
@@ -516,7 +452,7 @@ class Broker:
             if check is not None:
                 wake = min(wake, check)
             if model.unserved_since is not None:
-                wake = min(wake, model.unserved_since + self.settings.no_worker_grace_s)
+                wake = min(wake, model.unserved_since + self.pool_loss.grace_s)
             choice = self._route(model, now, self._room, {})
             if choice is not None:
                 sched.latency = choice.latency
@@ -525,20 +461,20 @@ class Broker:
         return max(0.0, wake - now)
 
     async def _dispatch(self, now: float, *, drain: bool) -> None:
-        await self._rescue(now)
+        await self.pool_loss.rescue(now)
         commands: list[list[bytes | str | int]] = []
-        sent: list[tuple[_Model, Pool, list[Request]]] = []
-        rejections: list[tuple[_Model, Rejection]] = []
+        sent: list[tuple[Served, Pool, list[Request]]] = []
+        rejections: list[tuple[Served, Rejection]] = []
         settling = Settling()  # the request entries this round's writes handle requests of
         for model in self._model_list:
             self._use_fastest(model)
             for rej in model.sched.expire(now):
                 rejections.append((model, rej))
-                self._release(model, rej.request, settling)
-            rejections += self._unserved(model, now, drain, settling)
+                release(model, rej.request, settling)
+            rejections += self.pool_loss.unserved(model, now, drain, settling)
         for model, pool, batch in self._form(now, drain):
             members = [Member(r.gateway, r.corr, r.rows, r.enqueued_ns,
-                              _wall_ns(r.deadline, now), r.payload, r.trace) for r in batch]
+                              wall_ns(r.deadline, now), r.payload, r.trace) for r in batch]
             trace = ""
             if self.tracing.enabled:
                 trace = self.tracing.broker_spans(
@@ -553,11 +489,11 @@ class Broker:
             commands.append(xadd)
             sent.append((model, pool, batch))
             for r in batch:
-                self._release(model, r, settling)
+                release(model, r, settling)
         settling.seal()
         for owner, entry in settling.ready:
             owner.done.append(entry)
-        commands += self._wake_commands(now)
+        commands += self.pool_loss.wake_commands(now)
         check = [pool for pool in self._pools.values()
                  if pool.unfinished and self._room(pool) <= 0 and now - pool.checked >= RESYNC_S]
         # Taken now: a handed batch's replies may settle more entries while this round is out.
@@ -619,34 +555,8 @@ class Broker:
         if ready:
             self._kick.set()
 
-    def _wake_commands(self, now: float) -> list[list[bytes | str | int]]:
-        """Raise the wake-up signal (keys.wake_list) of pools with no live worker that a model needs:
-        at once when none of the model's pools is live, else once its requests have waited
-        WAKE_AFTER_S beyond every dispatch round (its live pools are full).  An autoscaler (the Helm
-        chart's KEDA trigger) starts a worker on it; the pool's workers clear it."""
-        commands: list[list[bytes | str | int]] = []
-        wanted = {pool.name: pool for pool in self._pools.values()
-                  if pool.unfinished and self._workers(pool.name) == 0}  # batches stranded on it
-        for model in self._model_list:
-            if not model.sched.live:
-                model.backlog_since = None
-                continue
-            if model.backlog_since is None:
-                model.backlog_since = now
-            idle = [p for p, _ in model.options if self._workers(p.name) == 0]
-            if idle and (len(idle) == len(model.options) or now - model.backlog_since >= WAKE_AFTER_S):
-                wanted |= {p.name: p for p in idle}
-        for pool in wanted.values():
-            if now - pool.woke_at >= WAKE_EVERY_S:
-                pool.woke_at = now
-                wake = keys.wake_list(pool.name)
-                commands += [["LPUSH", wake, 1], ["LTRIM", wake, 0, 0], ["PEXPIRE", wake, keys.WAKE_TTL_MS]]
-                log.info("pool %s has no live worker and requests wait for it: raising its wake-up signal",
-                         pool.name)
-        return commands
-
     @staticmethod
-    def _count(sent: list[tuple[_Model, Pool, list[Request]]], rejections: list[tuple[_Model, Rejection]]) -> None:
+    def _count(sent: list[tuple[Served, Pool, list[Request]]], rejections: list[tuple[Served, Rejection]]) -> None:
         wall = time.time_ns()
         for model, pool, batch in sent:
             metrics.BATCHES.labels(*model.labels, pool.name).inc()
@@ -656,91 +566,9 @@ class Broker:
         for model, rej in rejections:
             metrics.REJECTED.labels(*model.labels, Code(rej.code).name).inc()
 
-    def _stranded(self, model: _Model) -> bool:
-        """Whether batches of ``model`` sit on a pool of it that has no live worker."""
-        key = model.stream.encode()
-        return any(v[4] == key for pool, _ in model.options if self._workers(pool.name) == 0
-                   for v in pool.unfinished.values())
-
-    def _unserved(self, model: _Model, now: float, drain: bool,
-                  settling: Settling) -> list[tuple[_Model, Rejection]]:
-        """Requests of a model none of whose pools has had a live worker for ``no_worker_grace_s``
-        fail with UNAVAILABLE (a short gap, such as a worker restarting, only delays them)."""
-        if any(self._workers(p.name) > 0 for p, _ in model.options):
-            model.unserved_since = None
-            return []
-        if drain:
-            return []
-        if not model.sched.live:
-            if not self._stranded(model):
-                model.unserved_since = None  # nobody waits: the next request starts a new wait
-            return []
-        if model.unserved_since is None:
-            model.unserved_since = now
-        if now - model.unserved_since < self.settings.no_worker_grace_s:
-            return []
-        message = _no_worker_message(model)
-        out = [(model, Rejection(r, message, Code.UNAVAILABLE)) for r in model.sched.drop_all()]
-        for _, rej in out:
-            self._release(model, rej.request, settling)
-        return out
-
-    async def _rescue(self, now: float) -> None:
-        """Batches this broker put on a pool that has lost every worker move to another pool of
-        their model, or fail with UNAVAILABLE once none has had a worker for the grace period."""
-        dead = [pool for pool in self._pools.values() if pool.unfinished and self._workers(pool.name) == 0]
-        if not dead:
-            return
-        # A batch handed in-process is not on the stream: the worker that has it is this process's.
-        wanted = [(pool, entry_id) for pool in dead for entry_id in pool.on_stream()]
-        if not wanted:
-            return
-        found = await self._writes.execute([["XRANGE", pool.stream, entry_id, entry_id] for pool, entry_id in wanted])
-        commands: list[list[bytes | str | int]] = []
-        moved: list[tuple[Pool, int, float, bytes]] = []
-        failed: list[tuple[str, bytes]] = []
-        for (pool, entry_id), reply in zip(wanted, found, strict=True):
-            entries = range_entries(reply)
-            if not entries:  # finished after all (its notice was lost) or deleted
-                pool.unfinished.pop(entry_id, None)
-                continue
-            _, rows, _, _, model_key = pool.unfinished[entry_id]
-            model = self._models.get(model_key)
-            fields = entries[0][1]
-            choice = None if model is None else route(
-                model.options, workers=self._workers, room=self._room, formed=lambda _: (), now=now, urgent=None)
-            if choice is not None:
-                xadd: list[bytes | str | int] = ["XADD", choice.pool.stream, "*"]
-                for f, v in fields.items():
-                    xadd += (f, v)
-                commands.append(xadd)
-                # Its expected compute is the new pool's, not the dead one's.
-                moved.append((choice.pool, rows, choice.latency.compute(rows), model_key))
-            elif model is None or (model.unserved_since is not None
-                                   and now - model.unserved_since >= self.settings.no_worker_grace_s):
-                message = _no_worker_message(model) if model else "its model is no longer served"
-                failed += [(m.gateway, encode_reply(m.corr, Code.UNAVAILABLE, message.encode()))
-                           for m in parse_batch(fields)[3]]
-            else:
-                if model.unserved_since is None:
-                    model.unserved_since = now
-                continue
-            commands += scripts.settle_entries(pool.stream, [entry_id])
-            pool.unfinished.pop(entry_id, None)
-        commands += scripts.push_reply_commands(failed)
-        if not commands:
-            return
-        replies = await self._writes.execute(commands)
-        xadds = iter(r for r, c in zip(replies, commands, strict=True) if c[0] == "XADD")
-        for (pool, rows, compute, model_key), new_id in zip(moved, xadds, strict=False):
-            pool.dispatched(new_id, now, rows, compute, self._workers(pool.name), model_key)
-        if moved or failed:
-            log.warning("pool(s) %s lost every worker: %d batch(es) moved to another pool, %d request(s) "
-                        "failed with UNAVAILABLE", ", ".join(p.name for p in dead), len(moved), len(failed))
-
-    def _form(self, now: float, drain: bool) -> list[tuple[_Model, Pool, list[Request]]]:
+    def _form(self, now: float, drain: bool) -> list[tuple[Served, Pool, list[Request]]]:
         """This round's batches: models take turns; each batch goes to the pool ``route`` picks."""
-        out: list[tuple[_Model, Pool, list[Request]]] = []
+        out: list[tuple[Served, Pool, list[Request]]] = []
         formed: dict[str, list[float]] = defaultdict(list)
         used: dict[str, int] = defaultdict(int)
 
@@ -774,7 +602,7 @@ class Broker:
         self._turn += 1
         return out
 
-    def _rejection_commands(self, rejections: list[tuple[_Model, Rejection]]) -> list[list[bytes | str | int]]:
+    def _rejection_commands(self, rejections: list[tuple[Served, Rejection]]) -> list[list[bytes | str | int]]:
         if not rejections:
             return []
         fails: dict[str, list[int]] = defaultdict(lambda: [0, 0])
@@ -792,41 +620,9 @@ class Broker:
         return commands
 
 
-def _pending(model: _Model) -> float:
+def _pending(model: Served) -> float:
     return float(model.sched.live)
 
 
 def _live(live: LiveWorkers, pool: str) -> float:
     return float(live.pools[pool])
-
-
-def _no_worker_message(model: _Model) -> str:
-    pools = [p.name for p, _ in model.options]
-    return (f"model {model.mv.name!r} v{model.mv.version} has no live worker in pool(s) {', '.join(pools)}; "
-            f"start one with `ferry worker --pool {pools[0]}`")
-
-
-def group_requests(g: Group, entry_id: bytes, now: float, wall_ns: int, levels: int) -> list[Request]:
-    """A request group's requests as the scheduler queues them, sharing one Entry (acknowledged
-    once all have left the queue); wall-clock deadlines become monotonic ones on this clock."""
-    n = len(g.payloads)
-    entry = Entry(entry_id, n, n)
-    flat = g.members
-    out = []
-    for i in range(n):
-        corr, rows, deadline_ns, timeout_ns = flat[i * GROUP_STRIDE : (i + 1) * GROUP_STRIDE]
-        out.append(Request(
-            entry, g.gateway, corr, rows, g.enqueued_ns, now,
-            deadline=now + (deadline_ns - wall_ns) / 1e9 if deadline_ns else math.inf,
-            timeout_at=now + (timeout_ns - wall_ns) / 1e9 if timeout_ns else math.inf,
-            level=min(g.level, levels - 1), shape=g.shape, payload=g.payloads[i],
-            trace=g.traces[i] if g.traces else "",
-        ))
-    return out
-
-
-def _wall_ns(deadline: float, now: float) -> int:
-    """A monotonic deadline as wall-clock ns for the worker (0 = none)."""
-    if deadline == math.inf:
-        return 0
-    return time.time_ns() + int((deadline - now) * 1e9)
