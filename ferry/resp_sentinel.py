@@ -55,10 +55,23 @@ async def _named(sentinel: RespClient, service: str) -> Address | None:
     return None
 
 
+# Per (Sentinels, service): the Sentinel that answered last in this process, asked first by
+# everyone.  Sentinels may disagree for a moment during a failover; if a reconnect asked another
+# Sentinel than the watch that dropped the connection, it could land back on the old primary and be
+# dropped again, over and over until the two agreed.
+_answered_last: dict[tuple[tuple[Address, ...], str], Address] = {}
+
+
+def _in_order(t: RedisTarget) -> list[Address]:
+    """``t``'s Sentinels, the one that answered last first, the rest in the URL's order."""
+    last = _answered_last.get((t.sentinels, t.service))
+    return sorted(t.sentinels, key=lambda addr: addr != last)  # stable: the URL's order otherwise
+
+
 async def primary(t: RedisTarget, timeout_s: float) -> Address:
     """Ask the Sentinels, in turn, where the primary of ``t.service`` is now."""
     problems = []
-    for host, port in t.sentinels:
+    for host, port in _in_order(t):
         sentinel = _sentinel(host, port, timeout_s)
         try:
             addr = await _named(sentinel, t.service)
@@ -68,6 +81,7 @@ async def primary(t: RedisTarget, timeout_s: float) -> Address:
         finally:
             await sentinel.close()
         if addr is not None:
+            _answered_last[(t.sentinels, t.service)] = (host, port)
             return addr
         problems.append(f"{host}:{port}: knows no primary named {t.service!r}")
     raise ConnectionError(f"no Sentinel named a primary for {t.service!r} ({'; '.join(problems)})")
@@ -90,7 +104,7 @@ class _Watch:
     async def _run(self) -> None:
         # Connections kept between questions: one every WATCH_S would otherwise leave a socket in
         # TIME_WAIT each time.
-        sentinels = [_sentinel(h, p, self.timeout_s) for h, p in self.t.sentinels]
+        sentinels = {(h, p): _sentinel(h, p, self.timeout_s) for h, p in self.t.sentinels}
         try:
             while True:
                 await asyncio.sleep(WATCH_S)
@@ -100,18 +114,20 @@ class _Watch:
                 if named is not None:
                     self._drop_others(named)
         finally:
-            for sentinel in sentinels:
+            for sentinel in sentinels.values():
                 await sentinel.close()
 
-    async def _ask(self, sentinels: list[RespClient]) -> Address | None:
-        for i, sentinel in enumerate(sentinels):
+    async def _ask(self, sentinels: dict[Address, RespClient]) -> Address | None:
+        for addr in _in_order(self.t):
+            sentinel = sentinels[addr]
             try:
                 named = await _named(sentinel, self.t.service)
             except (OSError, TimeoutError, RespError, ValueError):
                 sentinel.drop()  # down, slow, or not a Sentinel: ask the next one
                 continue
-            if i:  # ask the one that answered first next time
-                sentinels.insert(0, sentinels.pop(i))
+            if named is None:
+                continue  # it does not monitor the service (misconfigured, or just restarted)
+            _answered_last[(self.t.sentinels, self.t.service)] = addr
             return named
         return None  # no Sentinel answered: keep the connections; a real outage shows on them
 

@@ -11,6 +11,8 @@ deaf to what is published on the new primary (both seen in the Sentinel chaos ru
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -157,3 +159,71 @@ def test_connections_stay_while_no_sentinel_answers(sentinel: Sentinel) -> None:
         await client.close()
 
     asyncio.run(run())
+
+
+@pytest.mark.timeout(60)
+def test_a_reconnect_asks_the_sentinel_the_watch_followed(tmp_path: Path) -> None:
+    """Sentinels can disagree for a moment in a failover.  When the one a process follows is not the
+    first in its URL, a reconnect must ask that same Sentinel: asking the URL's first one put the
+    connection back on the server the watch had just left, to be dropped again every WATCH_S.
+
+    Two Sentinels that disagree for good: the first names server P, the second server Q.  While the
+    first is stopped (SIGSTOP: it neither answers nor refuses), the watch hears Q from the second and
+    drops the connection to P; once the first answers again, the next call must go to Q."""
+    binary = find_redis_server()
+    if binary is None:
+        pytest.skip("no redis-server")
+    p, q, s1, s2 = free_port(), free_port(), free_port(), free_port()
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str) -> subprocess.Popen[bytes]:
+        procs.append(subprocess.Popen([binary, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      start_new_session=True))
+        return procs[-1]
+
+    def named(port: int) -> bool:
+        try:
+            return redis.Redis(port=port).sentinel_get_master_addr_by_name("ferry") is not None
+        except redis.ConnectionError:
+            return False
+
+    try:
+        for port in (p, q):
+            start("--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                  "--dir", str(tmp_path))
+        first = None
+        for sentinel, server in ((s1, p), (s2, q)):
+            conf = tmp_path / f"sentinel-{sentinel}.conf"
+            conf.write_text(f"port {sentinel}\nbind 127.0.0.1\nsentinel monitor ferry 127.0.0.1 {server} 1\n")
+            proc = start(str(conf), "--sentinel")
+            first = first or proc
+            _wait(f"Sentinel {sentinel} up", lambda port=sentinel: named(port))
+        assert first is not None
+
+        async def run() -> None:
+            client = RespClient(f"redis+sentinel://127.0.0.1:{s1},127.0.0.1:{s2}/ferry/0", 0.5)
+            assert await _server_port(client) == p  # the URL's first Sentinel named P
+            await client.call("CLIENT", "SETNAME", "under-test")
+            on_p = redis.Redis(port=p)
+            first.send_signal(signal.SIGSTOP)
+            try:
+                deadline = time.monotonic() + 4 * WATCH_S + 2
+                # No calls meanwhile: the reconnect must come after the first Sentinel answers again.
+                while any(c["name"] == "under-test" for c in on_p.client_list()):
+                    assert time.monotonic() < deadline, "the watch did not follow the second Sentinel"
+                    await asyncio.sleep(0.05)
+            finally:
+                first.send_signal(signal.SIGCONT)
+            # Both Sentinels answer again; the connection the calls now use, and those after, are Q's.
+            end = time.monotonic() + 3 * WATCH_S
+            while time.monotonic() < end:
+                with contextlib.suppress(ConnectionError):
+                    assert await _server_port(client) == q
+                await asyncio.sleep(0.05)
+            await client.close()
+
+        asyncio.run(run())
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
