@@ -179,6 +179,14 @@ def fmt(x: float, digits: int = 0) -> str:
     return "n/a" if x != x else f"{x:,.{digits}f}"
 
 
+def _peak(peer: str, rows: list[Row]) -> str:
+    measured = [r for r in rows if r["throughput"] == r["throughput"]]  # NaN: not measured
+    if not measured:
+        return f"{peer} not measured (it did not start, or every run failed: see its log)"
+    best = max(measured, key=lambda r: r["throughput"])
+    return f"{peer} {fmt(best['throughput'])}/s (c={best['concurrency']}, p99 {fmt(best['p99_ms'], 1)} ms)"
+
+
 def tables(results: dict[str, dict[str, list[Row]]], levels: list[int]) -> str:
     """Per mode: throughput by peer, then p50 / p99 by peer (two tables keep each readable)."""
     parts = []
@@ -196,11 +204,7 @@ def tables(results: dict[str, dict[str, list[Row]]], levels: list[int]) -> str:
         lines = [*thr, "", *lat, ""]
         if any(r.get("unstable") for rows in by_peer.values() for r in rows):
             lines += ["\\* perf_analyzer's windows never agreed within 25%: the figure is its last try.", ""]
-        lines.append("Peak: " + "; ".join(
-            f"{p} {fmt(best['throughput'])}/s (c={best['concurrency']}, p99 {fmt(best['p99_ms'], 1)} ms)"
-            for p in peers
-            if (best := max(by_peer[p], key=lambda r: r["throughput"] if r["throughput"] == r["throughput"] else -1))
-        ) + ".")
+        lines.append("Peak: " + "; ".join(_peak(p, by_peer[p]) for p in peers) + ".")
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
 
@@ -284,10 +288,18 @@ def sequential(pa: str, args: argparse.Namespace, peers: list[str], modes: list[
                     with serve(p, args, server_cpu, onnx, log_dir) as url:
                         runs[mode][p].append([measure(pa, url, c, args, client_cpu) for c in levels])
                 except (RuntimeError, TimeoutError) as exc:
-                    print(f"  {p} did not start: {exc} (see {log_dir / (p + '.log')})", flush=True)
-                    nan = float("nan")
-                    runs[mode][p].append([{"concurrency": c, "throughput": nan, "p50_ms": nan, "p99_ms": nan}
-                                          for c in levels])
+                    _did_not_start(p, exc, log_dir)
+                    runs[mode][p].append(_missing(levels))
+
+
+def _did_not_start(peer: str, exc: Exception, log_dir: Path) -> None:
+    print(f"  {peer} did not start: {exc} (see {log_dir / (peer + '.log')})", flush=True)
+
+
+def _missing(levels: list[int]) -> list[Row]:
+    """A sweep of a peer that did not start: empty cells in the tables, gaps in the plots."""
+    nan = float("nan")
+    return [{"concurrency": c, "throughput": nan, "p50_ms": nan, "p99_ms": nan} for c in levels]
 
 
 def interleaved(pa: str, args: argparse.Namespace, peers: list[str], modes: list[str], levels: list[int],
@@ -299,16 +311,20 @@ def interleaved(pa: str, args: argparse.Namespace, peers: list[str], modes: list
             urls = {}
             for p in peers:
                 print(f"starting {p}, {mode}", flush=True)
-                urls[p] = stack.enter_context(serve(p, args, server_cpu, onnx, log_dir))
+                try:
+                    urls[p] = stack.enter_context(serve(p, args, server_cpu, onnx, log_dir))
+                except (RuntimeError, TimeoutError) as exc:
+                    _did_not_start(p, exc, log_dir)  # the others are still measured against each other
+            up = [p for p in peers if p in urls]
             for rep in range(args.repeat):
-                sweep: dict[str, list[Row]] = {p: [] for p in peers}
+                sweep: dict[str, list[Row]] = {p: [] for p in up}
                 for level in levels:
-                    for i in range(len(peers)):
-                        p = peers[(i + rep) % len(peers)]  # who goes first rotates with each sweep
+                    for i in range(len(up)):
+                        p = up[(i + rep) % len(up)]  # who goes first rotates with each sweep
                         print(f"{p}, {mode} (sweep {rep + 1}/{args.repeat})", flush=True)
                         sweep[p].append(measure(pa, urls[p], level, args, client_cpu))
                 for p in peers:
-                    runs[mode][p].append(sweep[p])
+                    runs[mode][p].append(sweep[p] if p in urls else _missing(levels))
 
 
 def main() -> None:

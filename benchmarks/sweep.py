@@ -30,6 +30,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -130,7 +131,7 @@ def median_rows(runs: list[list[dict[str, float]]]) -> list[dict[str, float]]:
     return rows
 
 
-def run_ceiling(batches: list[int], seconds: float = 1.5) -> list[dict]:
+def run_ceiling(batches: list[int], seconds: float = 1.5) -> list[dict[str, Any]]:
     import onnxruntime as ort
 
     from ferry.example_model import build_onnx
@@ -154,7 +155,7 @@ def run_ceiling(batches: list[int], seconds: float = 1.5) -> list[dict]:
     return rows
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| concurrency | inferences/s (median) | range of runs | p50 ms | p99 ms |", "|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['concurrency']} | {r['throughput']:.0f} | {r['min']:.0f} to {r['max']:.0f} | {r['p50_ms']:.2f} "
               f"| {r['p99_ms']:.2f} |" for r in rows]
