@@ -226,6 +226,11 @@ def encode_reply(corr: int, code: int, body: bytes) -> bytes:
     return _REPLY_HEAD.pack(len(body), corr, code) + body
 
 
+def reply_head(corr: int, code: int, size: int) -> bytes:
+    """What ``encode_reply`` puts before a body of ``size`` bytes, for a reply joined from pieces."""
+    return _REPLY_HEAD.pack(size, corr, code)
+
+
 def iter_replies(bundle: bytes) -> Iterator[tuple[int, int, bytes]]:
     """(corr, code, body) for each reply in a bundle."""
     pos, end, size = 0, len(bundle), _REPLY_HEAD.size

@@ -13,12 +13,15 @@ import json
 import random
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 
 import numpy as np
 
+from ferry import datatypes
+from ferry.model_config import TensorSpec
 from ferry.pbwire import len_field, varint
 from protos import grpc_service_pb2 as pb
 from workers import codec
@@ -91,15 +94,59 @@ def main() -> None:
             i = rng.randrange(len(p))
             p[i] = rng.randrange(256) if rng.random() < 0.7 else p[i] ^ (1 << rng.randrange(8))
         payloads.append(bytes(p))
+    # The same requests with other tensor contents: what a Decoder's remembered layouts serve.
+    for p in list(payloads[:7]):
+        for _ in range(3):
+            q = bytearray(p)
+            for i in range(len(q) - 8, len(q)):  # the last raw tensor's last bytes (all are raw-last)
+                q[i] = rng.randrange(256)
+            payloads.append(bytes(q))
     mismatches = []
     fast = 0
+    # One Decoder for every payload, as a worker has one per model: each payload is decoded twice
+    # (the second from its layout, if the first made one), and the corruptions, of the same sizes as
+    # the requests they corrupt, must be told apart from the layouts those left.
+    decoder = codec.Decoder(SPECS)
     for p in payloads:
         if codec._decode_common(SPECS, p) is not None:
             fast += 1
-        ours, ref = outcome(codec.decode, p), outcome(codec._decode_message, p)
-        if ours != ref:
-            mismatches.append(f"{p[:80].hex()}: decode {ours!r:.300} != protobuf {ref!r:.300}")
-    json.dump({"cases": len(payloads), "fast": fast, "mismatches": mismatches[:20]}, sys.stdout)
+        ref = outcome(codec._decode_message, p)
+        for name, fn in (("decode", codec.decode), ("Decoder", lambda _s, b: decoder.decode(b)),
+                         ("Decoder again", lambda _s, b: decoder.decode(b))):
+            ours = outcome(fn, p)
+            if ours != ref:
+                mismatches.append(f"{p[:80].hex()}: {name} {ours!r:.300} != protobuf {ref!r:.300}")
+    mismatches += check_responses(rng)
+    json.dump({"cases": len(payloads), "fast": fast, "layouts": len(decoder._layouts),
+               "mismatches": mismatches[:20]}, sys.stdout)
+
+
+def check_responses(rng: random.Random) -> list[str]:
+    """ResponseEncoder.encode, and bodies joined from its ``pieces``, against protobuf's serialisation."""
+    outputs = [TensorSpec("OUTPUT0", datatypes.BY_NAME["FP32"], (10,)),
+               TensorSpec("OUT_1", datatypes.BY_NAME["INT64"], (5, 2))]
+    specs = {t.name: t for t in outputs}
+    mv = SimpleNamespace(name="mlp", version=3, settings=SimpleNamespace(outputs=outputs))
+    encoder = codec.ResponseEncoder(mv)  # type: ignore[arg-type]
+    wrong = []
+    for rid in ("", "req-1", "ünï", "x" * 300):
+        for names in (("OUTPUT0",), ("OUT_1",), ("OUT_1", "OUTPUT0"), ("OUTPUT0", "OUT_1")):
+            for rows in (1, 3, 200):
+                tensors = [(n, (rows, *specs[n].dims), rng.randbytes(rows * specs[n].dtype.size * 10)) for n in names]
+                ref = pb.ModelInferResponse(model_name="mlp", model_version="3", id=rid)
+                for n, shape, data in tensors:
+                    ref.outputs.add(name=n, datatype=specs[n].dtype.name, shape=shape)
+                    ref.raw_output_contents.append(data)
+                want = ref.SerializeToString()
+                pieces = encoder.pieces(rid, [(n, shape, len(data)) for n, shape, data in tensors])
+                joined = b"".join(part for before, (_, _, data) in zip(pieces.before, tensors, strict=True)
+                                  for part in (before, data))
+                for how, got in (("encode", encoder.encode(rid, tensors)), ("pieces", joined)):
+                    if got != want:
+                        wrong.append(f"response {rid!r} {names} x{rows}: {how} {got[:60].hex()} != {want[:60].hex()}")
+                if pieces.size != len(want):
+                    wrong.append(f"response {rid!r} {names} x{rows}: pieces.size {pieces.size} != {len(want)}")
+    return wrong
 
 
 if __name__ == "__main__":
