@@ -104,8 +104,12 @@ def stop(proc: subprocess.Popen[bytes], grace_s: float = 30) -> None:
 
 
 @contextlib.contextmanager
-def serve(peer: str, args: argparse.Namespace, cpu: int | None, onnx: Path, log_dir: Path) -> Iterator[str]:
-    """Start one peer (pinned to ``cpu`` if given) and yield its gRPC address once its model is ready."""
+def serve(peer: str, args: argparse.Namespace, cpu: int | None, onnx: Path, log_dir: Path, *,
+          root: Path = ROOT, ferry_env: dict[str, str] | None = None,
+          started: list[subprocess.Popen[bytes]] | None = None) -> Iterator[str]:
+    """Start one peer (pinned to ``cpu`` if given) and yield its gRPC address once its model is ready.
+    For benchmarks/headtohead.py: a Ferry peer can run from another checkout (``root``) with extra
+    FERRY_* settings (``ferry_env``), and ``started`` gets the server's process."""
     port = free_port()
     env = dict(os.environ)
     with tempfile.TemporaryDirectory(prefix=f"cmp-{peer}-") as tmp:
@@ -121,7 +125,10 @@ def serve(peer: str, args: argparse.Namespace, cpu: int | None, onnx: Path, log_
                                     f"max_queue_delay_microseconds: {args.delay_us}"))
             env = {k: v for k, v in env.items() if not k.startswith("FERRY_") and k != "REDIS_URL"}
             env["FERRY_METRICS_PORT"] = "-1"
+            if root != ROOT and not (root / ".cache" / "edge" / "ferry-edge").exists():
+                env["FERRY_EDGE_BINARY"] = str(ROOT / ".cache" / "edge" / "ferry-edge")
             env["FERRY_BATCH_WINDOW"] = "fixed" if peer == "ferry-fixed" else "adaptive"
+            env.update(ferry_env or {})
             argv = [sys.executable, "-m", "ferry.cli", "up", "--model-repository", str(repo), "--grpc-port",
                     str(port), "--workers", str(args.ferry_workers), "--gateways", str(args.ferry_gateways),
                     *(["--edge"] if peer == "ferry-edge" else [])]
@@ -133,8 +140,10 @@ def serve(peer: str, args: argparse.Namespace, cpu: int | None, onnx: Path, log_
             argv = module.serve_command(ROOT / ".cache" / "peers" / peer, work / "srv", port, onnx,
                                         args.max_batch, args.delay_us)
         with open(log_dir / f"{peer}.log", "ab") as log:
-            proc = subprocess.Popen([*pin(cpu), *argv], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            proc = subprocess.Popen([*pin(cpu), *argv], cwd=root if peer in FERRY else ROOT, env=env, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+            if started is not None:
+                started.append(proc)
             try:
                 wait_model_ready(f"127.0.0.1:{port}", proc, args.start_timeout_s)
                 yield f"127.0.0.1:{port}"
