@@ -108,8 +108,8 @@ def serve(peer: str, args: argparse.Namespace, cpu: int | None, onnx: Path, log_
           root: Path = ROOT, ferry_env: dict[str, str] | None = None,
           started: list[subprocess.Popen[bytes]] | None = None) -> Iterator[str]:
     """Start one peer (pinned to ``cpu`` if given) and yield its gRPC address once its model is ready.
-    For benchmarks/headtohead.py: a Ferry peer can run from another checkout (``root``) with extra
-    FERRY_* settings (``ferry_env``), and ``started`` gets the server's process."""
+    For benchmarks/headtohead.py: a Ferry peer can run from another checkout (``root``) with more
+    in its environment (``ferry_env``), and ``started`` gets the server's process."""
     port = free_port()
     env = dict(os.environ)
     with tempfile.TemporaryDirectory(prefix=f"cmp-{peer}-") as tmp:

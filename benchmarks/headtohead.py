@@ -15,7 +15,7 @@ rate (the rows per batch are shown).  Two copies of the same server read 0.98-1.
 
 A peer is one of benchmarks/compare.py's (``ferry-edge``, ``triton``, ...), the Ferry ones
 optionally from another checkout (``ferry-edge@DIR``: that tree's code, its own edge build if it
-has one) and with settings (``ferry-edge,FERRY_GATHER_US=500``).  Which one starts first
+has one) and with settings in its environment (``ferry-edge,FERRY_GATHER_US=500,GOGC=800``).  Which one starts first
 alternates by round.
 """
 
@@ -52,7 +52,7 @@ class Peer:
 
 
 def parse_peer(spec: str) -> Peer:
-    """``name[@checkout][,FERRY_KEY=value...]``"""
+    """``name[@checkout][,KEY=value...]``"""
     head, *settings = spec.split(",")
     name, _, where = head.partition("@")
     if name not in PEERS:
@@ -62,8 +62,8 @@ def parse_peer(spec: str) -> Peer:
     env = {}
     for s in settings:
         key, eq, value = s.partition("=")
-        if not eq or not key.startswith("FERRY_"):
-            raise argparse.ArgumentTypeError(f"{spec!r}: settings are FERRY_KEY=value, not {s!r}")
+        if not eq or not key.isupper():
+            raise argparse.ArgumentTypeError(f"{spec!r}: settings are KEY=value (environment), not {s!r}")
         env[key] = value
     root = Path(where).resolve() if where else ROOT
     if not (root / "ferry" / "cli.py").exists():

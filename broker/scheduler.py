@@ -339,6 +339,8 @@ class ModelScheduler:
     def _schedule_check(self, req: Request) -> None:
         # A request with neither deadline nor queue timeout never needs a look: keeping it out of
         # the heap spares a push per request and a pop or compaction later.
+        if req.deadline == math.inf and (req.delayed or req.timeout_at == math.inf):
+            return  # (the common case, decided before _check_time's arithmetic)
         when = self._check_time(req)
         if when != math.inf:
             heapq.heappush(self._checks, (when, req.token, req))

@@ -17,7 +17,7 @@ from broker import keys
 from broker.handoff import Settling
 from broker.messages import GROUP_STRIDE, Group
 from broker.pools import Pool
-from broker.scheduler import Entry, LatencyModel, ModelScheduler, Request
+from broker.scheduler import QUEUED, Entry, LatencyModel, ModelScheduler, Request
 from ferry.repository import ModelVersion, Repository
 from ferry.settings import BrokerSettings
 
@@ -93,22 +93,25 @@ def release(model: Served, req: Request, settling: Settling | None = None) -> No
         model.done.append(entry)
 
 
-def group_requests(g: Group, entry_id: bytes, now: float, wall_ns: int, levels: int) -> list[Request]:
+def group_requests(g: Group, entry_id: bytes, now: float, wall_ns: int, levels: int, *,
+                   taken_over: bool = False) -> list[Request]:
     """A request group's requests as the scheduler queues them, sharing one Entry (acknowledged
     once all have left the queue); wall-clock deadlines become monotonic ones on this clock."""
-    n = len(g.payloads)
+    payloads = g.payloads
+    n = len(payloads)
     entry = Entry(entry_id, n, n)
     flat = g.members
+    gateway, enqueued_ns, level, shape = g.gateway, g.enqueued_ns, min(g.level, levels - 1), g.shape
+    traces = g.traces or [""] * n
+    inf = math.inf
     out = []
-    for i in range(n):
-        corr, rows, deadline_ns, timeout_ns = flat[i * GROUP_STRIDE : (i + 1) * GROUP_STRIDE]
-        out.append(Request(
-            entry, g.gateway, corr, rows, g.enqueued_ns, now,
-            deadline=now + (deadline_ns - wall_ns) / 1e9 if deadline_ns else math.inf,
-            timeout_at=now + (timeout_ns - wall_ns) / 1e9 if timeout_ns else math.inf,
-            level=min(g.level, levels - 1), shape=g.shape, payload=g.payloads[i],
-            trace=g.traces[i] if g.traces else "",
-        ))
+    for i in range(n):  # once per request: flat indexing, positional arguments
+        k = i * GROUP_STRIDE
+        deadline_ns, timeout_ns = flat[k + 2], flat[k + 3]
+        out.append(Request(entry, gateway, flat[k], flat[k + 1], enqueued_ns, now,
+                           now + (deadline_ns - wall_ns) / 1e9 if deadline_ns else inf,
+                           now + (timeout_ns - wall_ns) / 1e9 if timeout_ns else inf,
+                           level, shape, payloads[i], QUEUED, False, 0.0, 0, traces[i], taken_over))
     return out
 
 

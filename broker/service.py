@@ -234,9 +234,9 @@ class Broker:
                     continue
                 g = parse_group(fields)
                 model.sched.note_holding(g.gateway, g.holding, now)
-                for req in group_requests(g, entry_id, now, wall, levels):
-                    req.taken_over = taken_over
-                    model.sched.add(req, ahead_rows=ahead)
+                add = model.sched.add
+                for req in group_requests(g, entry_id, now, wall, levels, taken_over=taken_over):
+                    add(req, ahead)
 
     async def _reclaimer(self) -> None:
         me = self.settings.broker_id

@@ -36,7 +36,7 @@ from workers.runtime import Runtime
 
 log = logging.getLogger("ferry.worker")
 
-PIECES_MAX = 256  # kinds of reply remembered per model version (request ids are part of the kind)
+PIECES_MAX = 256  # kinds of reply remembered per output dims (request ids are part of the kind)
 
 
 @dataclass(slots=True)
@@ -62,8 +62,9 @@ class BatchRunner:
         self.specs = {t.name: t for t in mv.settings.inputs}
         self.decoder = Decoder(self.specs)
         self.encoder = ResponseEncoder(mv)
-        # (request id, requested outputs, rows) -> the fixed bytes of such a reply
-        self._pieces: dict[tuple[str, tuple[str, ...], int], BodyPieces] = {}
+        # outputs' non-batch dims -> (request id, requested outputs, rows) -> a reply's fixed bytes
+        self._pieces: dict[tuple[tuple[str, tuple[int, ...]], ...],
+                           dict[tuple[str, tuple[str, ...], int], BodyPieces]] = {}
         self.buckets = dict(mv.settings.shape_buckets)
         self.static_sizes = tuple(sorted(mv.settings.static_batch_sizes))
 
@@ -81,6 +82,9 @@ class BatchRunner:
         start_ns = time.time_ns()
         t0 = time.perf_counter_ns()
         groups: dict[tuple[Any, ...], list[tuple[Member, Decoded]]] = defaultdict(list)
+        # Requests decoded from one remembered layout share its shapes dict: their signature is
+        # worked out once (the dicts stay alive until the batch ends, so their ids cannot repeat).
+        sigs: dict[int, tuple[Any, ...]] = {}
         for m in members:
             if m.deadline_ns and m.deadline_ns < start_ns:
                 # Its client has given up already: running it would only delay the others.
@@ -97,7 +101,12 @@ class BatchRunner:
                       err.message if err else f"cannot decode request: {exc}", time.time_ns())
                 continue
             # Only members whose (padded) non-batch dims agree can share a tensor.
-            sig: tuple[Any, ...] = tuple(self._padded_shapes(d).values()) if self.batched else (id(d),)
+            if self.batched:
+                sig = sigs.get(id(d.shapes))
+                if sig is None:
+                    sig = sigs[id(d.shapes)] = tuple(self._padded_shapes(d).values())
+            else:
+                sig = (id(d),)
             groups[sig].append((m, d))
         decode_ns = time.perf_counter_ns() - t0
         for group in groups.values():
@@ -168,17 +177,27 @@ class BatchRunner:
         queue_ns = success_ns = 0
         replies = result.replies
         all_flat = all(f is not None for f in flat.values())
+        kinds: dict[tuple[str, tuple[str, ...], int], BodyPieces] = {}
+        if all_flat:
+            # A reply's fixed bytes depend on the outputs' non-batch dims too (variable-size models).
+            dims = tuple((n, f[2]) for n, f in flat.items() if f is not None)
+            if (known := self._pieces.get(dims)) is not None:
+                kinds = known
+            else:
+                if len(self._pieces) >= PIECES_MAX:
+                    self._pieces.clear()
+                self._pieces[dims] = kinds
         for m, d in group:
             names = d.requested or output_names
             if all_flat:
                 # The common case: each reply is its kind's fixed pieces around slices of the outputs.
                 key = (d.request_id, names, m.rows)
-                pieces = self._pieces.get(key)
+                pieces = kinds.get(key)
                 if pieces is None:
                     pieces = self.encoder.pieces(d.request_id, [
                         (name, (m.rows, *f[2]), m.rows * f[1]) for name in names if (f := flat[name]) is not None])
-                    if len(self._pieces) < PIECES_MAX:
-                        self._pieces[key] = pieces
+                    if len(kinds) < PIECES_MAX:
+                        kinds[key] = pieces
                 parts = [reply_head(m.corr, Code.OK, pieces.size)]
                 for name, before in zip(names, pieces.before, strict=True):
                     data, row_bytes, _ = flat[name]  # type: ignore[misc]
