@@ -12,11 +12,17 @@ not expect (typed contents, an unknown field, a malformed length) goes to
 protobuf's own parser instead, which answers exactly as before;
 tests/support/codec_check.py holds both to the same results.
 
+A worker keeps one ``Decoder`` per model version, which also remembers the byte
+layout of the last request of each size: the next one whose every byte but its
+tensors is the same decodes to the same request, found by a few byte compares.
+
 Responses are written straight in protobuf wire format: the parts that do not
 change per request (model name and version, each output's name, datatype and
 shape) are encoded once and cached, so a reply costs a few byte joins instead
-of building and serialising a message object.  ``tests`` check the bytes
-against protobuf's own serialisation.
+of building and serialising a message object; ``ResponseEncoder.pieces`` gives
+everything around the tensor bytes at once, so that workers.batch joins each
+reply in one step.  tests/support/codec_check.py checks the bytes against
+protobuf's own serialisation.
 """
 
 from __future__ import annotations
@@ -111,8 +117,9 @@ class Decoder:
 
     Clients send the same request over and over with new tensor contents (perf_analyzer,
     tritonclient in a loop, any stub reusing its message): those are recognised by comparing the
-    bytes around the tensors (a few C-level compares) instead of walking the fields in Python, about
-    a third of the worker's own CPU per request.  Anything else is walked as ``decode`` does."""
+    bytes around the tensors (a few C-level compares, 1.5 us) instead of walking the fields in
+    Python (3.3 us, half of the worker's own Python per request before).  Anything else is walked
+    as ``decode`` does."""
 
     MAX_LAYOUTS = 64  # distinct sizes remembered; a client varying them cannot grow the worker
 
