@@ -324,12 +324,21 @@ class ModelScheduler:
         level = self._levels[req.level]
         slot = (req.token, req)
         q = level.delayed if req.delayed else level.punctual
+        fifo = self._fifo
         if front:
             q.appendleft(slot)
-            self._fifo.appendleft(slot)
+            fifo.appendleft(slot)
         else:
             q.append(slot)
-            self._fifo.append(slot)
+            if fifo and fifo[-1][1].arrived > req.arrived:
+                # Re-placed after it was delayed: it keeps its place in arrival order, since the
+                # window counts from the oldest wait (rare; a scan from the back).
+                i = len(fifo) - 1
+                while i > 0 and fifo[i - 1][1].arrived > req.arrived:
+                    i -= 1
+                fifo.insert(i, slot)
+            else:
+                fifo.append(slot)
         level.live += 1
         self.live += 1
         self.live_rows += req.rows
