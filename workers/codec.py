@@ -122,17 +122,35 @@ class Decoder:
     as ``decode`` does."""
 
     MAX_LAYOUTS = 64  # distinct sizes remembered; a client varying them cannot grow the worker
+    # Looking a layout up and remembering a new one cost about as much as a walk.  Requests that
+    # differ every time (an id per call) would pay that on every one, so layouts are used only while
+    # they pay off (hits at least match misses, both decaying), and otherwise tried on every 64th
+    # request; a hit then starts the count afresh.
+    PROBE_EVERY = 64
+    DECAY_AT = 4096
 
     def __init__(self, specs: dict[str, TensorSpec]) -> None:
         self.specs = specs
         self._layouts: dict[int, _Layout] = {}
+        self._hits = 0
+        self._misses = 0
 
     def decode(self, payload: bytes) -> Decoded:
+        if self._hits < self._misses and self._misses % self.PROBE_EVERY:
+            self._misses += 1
+            return decode(self.specs, payload)  # layouts are not paying off: walk
         layout = self._layouts.get(len(payload))
         if layout is not None and all(payload.startswith(run, at) for at, run in layout.fixed):
+            if self._hits < self._misses:
+                self._hits = self._misses = 0  # a probe hit: repeated requests again
+            self._hits += 1
             view = memoryview(payload)
             return Decoded(layout.request_id, layout.requested, layout.shapes,
                            {name: view[start:end] for name, start, end in layout.raws}, None)
+        self._misses += 1
+        if self._hits + self._misses >= self.DECAY_AT:
+            self._hits //= 2
+            self._misses //= 2
         spans: list[tuple[int, int]] = []
         named: dict[str, tuple[int, int]] = {}
         d = _decode_common(self.specs, payload, spans, named)

@@ -9,6 +9,7 @@ answering where the other raises, or different errors.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import sys
@@ -86,14 +87,19 @@ def main() -> None:
         len_field(5, t) + len_field(5, t),
         b"",
     ]
+    parent = {p: p for p in payloads}  # which valid request each payload was made from
     for p in list(payloads[:7]):  # truncations: every one of the small requests, some of the big one
-        payloads += [p[:n] for n in (range(len(p)) if len(p) < 1000 else rng.sample(range(len(p)), 200))]
+        for n in (range(len(p)) if len(p) < 1000 else rng.sample(range(len(p)), 200)):
+            payloads.append(p[:n])
+            parent.setdefault(p[:n], p)
     for _ in range(4000):  # random corruptions of valid requests
-        p = bytearray(rng.choice(payloads[:7]))
+        base = rng.choice(payloads[:7])
+        c = bytearray(base)
         for _ in range(rng.randint(1, 3)):
-            i = rng.randrange(len(p))
-            p[i] = rng.randrange(256) if rng.random() < 0.7 else p[i] ^ (1 << rng.randrange(8))
-        payloads.append(bytes(p))
+            i = rng.randrange(len(c))
+            c[i] = rng.randrange(256) if rng.random() < 0.7 else c[i] ^ (1 << rng.randrange(8))
+        payloads.append(bytes(c))
+        parent.setdefault(bytes(c), base)
     # The same requests with other tensor contents: what a Decoder's remembered layouts serve.
     for p in list(payloads[:7]):
         for _ in range(3):
@@ -101,24 +107,34 @@ def main() -> None:
             for i in range(len(q) - 8, len(q)):  # the last raw tensor's last bytes (all are raw-last)
                 q[i] = rng.randrange(256)
             payloads.append(bytes(q))
+            parent.setdefault(bytes(q), p)
     mismatches = []
     fast = 0
-    # One Decoder for every payload, as a worker has one per model: each payload is decoded twice
-    # (the second from its layout, if the first made one), and the corruptions, of the same sizes as
-    # the requests they corrupt, must be told apart from the layouts those left.
-    decoder = codec.Decoder(SPECS)
+    # A Decoder that has just seen the payload's parent (so a same-size corruption meets the parent's
+    # layout and must be told apart from it), then the payload twice (the second from its own layout);
+    # and one Decoder for all of them, as a worker has one per model (its misses turn layouts off for
+    # a while, and its probes turn them on again).
+    shared = codec.Decoder(SPECS)
     for p in payloads:
         if codec._decode_common(SPECS, p) is not None:
             fast += 1
         ref = outcome(codec._decode_message, p)
-        for name, fn in (("decode", codec.decode), ("Decoder", lambda _s, b: decoder.decode(b)),
-                         ("Decoder again", lambda _s, b: decoder.decode(b))):
+        primed = codec.Decoder(SPECS)
+        with contextlib.suppress(Exception):
+            primed.decode(parent[p])
+        for name, fn in (("decode", codec.decode), ("Decoder after the parent", _with(primed)),
+                         ("Decoder again", _with(primed)), ("shared Decoder", _with(shared))):
             ours = outcome(fn, p)
             if ours != ref:
                 mismatches.append(f"{p[:80].hex()}: {name} {ours!r:.300} != protobuf {ref!r:.300}")
     mismatches += check_responses(rng)
-    json.dump({"cases": len(payloads), "fast": fast, "layouts": len(decoder._layouts),
+    json.dump({"cases": len(payloads), "fast": fast, "layouts": len(shared._layouts),
                "mismatches": mismatches[:20]}, sys.stdout)
+
+
+def _with(decoder: codec.Decoder) -> Any:
+    """``decoder.decode`` shaped as ``outcome`` calls a decode function."""
+    return lambda _specs, payload: decoder.decode(payload)
 
 
 def check_responses(rng: random.Random) -> list[str]:
