@@ -176,31 +176,32 @@ class BatchRunner:
         now_ns = time.time_ns()
         queue_ns = success_ns = 0
         replies = result.replies
-        all_flat = all(f is not None for f in flat.values())
-        kinds: dict[tuple[str, tuple[str, ...], int], BodyPieces] = {}
-        if all_flat:
-            # A reply's fixed bytes depend on the outputs' non-batch dims too (variable-size models).
-            dims = tuple((n, f[2]) for n, f in flat.items() if f is not None)
-            if (known := self._pieces.get(dims)) is not None:
-                kinds = known
-            else:
+        # The common case: every output has fixed-size rows, and each reply is its kind's pieces
+        # around slices of the outputs. Kinds are kept per outputs' non-batch dims (variable-size
+        # models), looked up once a group, so that a member's key stays a flat tuple.
+        fixed = {n: f for n, f in flat.items() if f is not None}
+        kinds: dict[tuple[str, tuple[str, ...], int], BodyPieces] | None = None
+        if len(fixed) == len(flat):
+            dims = tuple((n, f[2]) for n, f in fixed.items())
+            if (kinds := self._pieces.get(dims)) is None:
                 if len(self._pieces) >= PIECES_MAX:
                     self._pieces.clear()
-                self._pieces[dims] = kinds
+                kinds = self._pieces[dims] = {}
         for m, d in group:
             names = d.requested or output_names
-            if all_flat:
-                # The common case: each reply is its kind's fixed pieces around slices of the outputs.
+            if kinds is not None:
                 key = (d.request_id, names, m.rows)
                 pieces = kinds.get(key)
                 if pieces is None:
                     pieces = self.encoder.pieces(d.request_id, [
-                        (name, (m.rows, *f[2]), m.rows * f[1]) for name in names if (f := flat[name]) is not None])
+                        (name, (m.rows, *fixed[name][2]), m.rows * fixed[name][1]) for name in names])
                     if len(kinds) < PIECES_MAX:
                         kinds[key] = pieces
                 parts = [reply_head(m.corr, Code.OK, pieces.size)]
-                for name, before in zip(names, pieces.before, strict=True):
-                    data, row_bytes, _ = flat[name]  # type: ignore[misc]
+                if not names:  # a model without outputs: the body is its one piece
+                    parts.append(pieces.before[0])
+                for name, before in zip(names, pieces.before, strict=False):
+                    data, row_bytes, _ = fixed[name]
                     parts += (before, data[offset * row_bytes : (offset + m.rows) * row_bytes])
                 replies.append((m.gateway, b"".join(parts)))
             else:

@@ -178,8 +178,7 @@ def _decode_common(specs: dict[str, TensorSpec], buf: bytes, spans: list[tuple[i
     request_id = ""
     inputs: list[bytes] = []
     outputs: list[bytes] = []
-    raw: list[memoryview] = []
-    raw_at = spans if spans is not None else []
+    raw_at = spans if spans is not None else []  # (start, end) of each raw tensor
     view = memoryview(buf)
     while pos < size:
         tag = buf[pos]
@@ -203,7 +202,6 @@ def _decode_common(specs: dict[str, TensorSpec], buf: bytes, spans: list[tuple[i
         if end > size:
             return None
         if tag == _RAW:
-            raw.append(view[pos:end])  # a view: the batch join copies the tensor bytes once
             raw_at.append((pos, end))
         elif tag == _INPUT:
             inputs.append(buf[pos:end])
@@ -223,7 +221,7 @@ def _decode_common(specs: dict[str, TensorSpec], buf: bytes, spans: list[tuple[i
             if tag == _ID:
                 request_id = text
         pos = end
-    if not inputs or len(raw) != len(inputs):
+    if not inputs or len(raw_at) != len(inputs):
         return None
     shapes: dict[str, tuple[int, ...]] = {}
     by_name: dict[str, bytes | memoryview] = {}
@@ -235,7 +233,8 @@ def _decode_common(specs: dict[str, TensorSpec], buf: bytes, spans: list[tuple[i
         if name not in specs:
             return None
         shapes[name] = seen[1]
-        by_name[name] = raw[i]
+        start, end = raw_at[i]
+        by_name[name] = view[start:end]  # a view: the batch join copies the tensor bytes once
         if named is not None:
             named[name] = raw_at[i]
     requested = []
@@ -308,32 +307,37 @@ class ResponseEncoder:
 
     def encode(self, request_id: str, tensors: list[tuple[str, tuple[int, ...], bytes]]) -> bytes:
         """``tensors``: (output name, shape, raw bytes) in response order."""
-        parts = [self._prefix]
-        if request_id:
-            parts.append(len_field(3, request_id.encode()))
-        for name, shape, _ in tensors:
-            parts.append(self._tensor(name, shape))
-        for _, _, data in tensors:
-            parts.append(b"\x32" + varint(len(data)))  # field 6: raw_output_contents
-            parts.append(data)
-        return b"".join(parts)
+        pieces = self.pieces(request_id, [(name, shape, len(data)) for name, shape, data in tensors])
+        return b"".join(pieces.around([data for _, _, data in tensors]))
 
     def pieces(self, request_id: str, tensors: Sequence[tuple[str, tuple[int, ...], int]]) -> BodyPieces:
-        """What ``encode`` writes around the tensor bytes, for tensors of known sizes ((output name,
-        shape, byte count) in response order): a body is ``before[0] + data0 + before[1] + data1 ...``,
-        and ``size`` bytes long.  Computed once per kind of reply, so that each reply is one join."""
+        """The response's bytes around its tensors' data, for tensors of known sizes ((output name,
+        shape, byte count) in response order).  The one place the response's layout is written;
+        workers.batch keeps the pieces per kind of reply, so that each reply is one join."""
         head = [self._prefix]
         if request_id:
             head.append(len_field(3, request_id.encode()))
         head += [self._tensor(name, shape) for name, shape, _ in tensors]
         before = [b"\x32" + varint(n) for _, _, n in tensors]  # field 6: raw_output_contents
+        if not before:
+            return BodyPieces((b"".join(head),), sum(map(len, head)))
         before[0] = b"".join(head) + before[0]
         return BodyPieces(tuple(before), sum(map(len, before)) + sum(n for _, _, n in tensors))
 
 
 @dataclass(slots=True, frozen=True)
 class BodyPieces:
-    """ResponseEncoder.pieces: the bytes before each tensor's data, and the body's size."""
+    """ResponseEncoder.pieces: the bytes before each tensor's data (just the body, without
+    tensors), and the body's size."""
 
     before: tuple[bytes, ...]
     size: int
+
+    def around(self, data: Sequence[bytes]) -> list[bytes]:
+        """The body's parts with ``data`` (one per tensor, in order) in place, to join."""
+        if not data:
+            return [self.before[0]]
+        parts: list[bytes] = []
+        for before, chunk in zip(self.before, data, strict=True):
+            parts += (before, chunk)
+        return parts
