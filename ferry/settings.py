@@ -332,7 +332,7 @@ S = TypeVar("S", bound=CommonSettings)
 # so that one environment (a compose file, a pod) can serve every process, and a typo still fails.
 EDGE_ENV_NAMES = frozenset({
     "FERRY_EDGE_LISTEN", "FERRY_EDGE_UPSTREAM", "FERRY_EDGE_GATEWAY_ID", "FERRY_EDGE_METRICS_LISTEN",
-    "FERRY_EDGE_REUSE_PORT", "FERRY_EDGE_CPU_PROFILE", "FERRY_EDGE_PROCS",
+    "FERRY_EDGE_REUSE_PORT", "FERRY_EDGE_CPU_PROFILE", "FERRY_EDGE_PROCS", "FERRY_EDGE_WINDOW_BYTES",
 })
 
 

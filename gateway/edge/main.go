@@ -43,6 +43,7 @@ type config struct {
 	metrics   string
 	reusePort bool
 	procs     int
+	window    int
 	grace     time.Duration
 	startWait time.Duration
 }
@@ -54,12 +55,18 @@ func env(name, fallback string) string {
 	return fallback
 }
 
+// The per-call window's bounds: grpc-go ignores less than 64 KiB, and the connection's (4x) must fit an int32.
+const (
+	minWindow = 64 << 10
+	maxWindow = 256 << 20
+)
+
 // edgeEnv is every FERRY_EDGE_ variable the edge reads (ferry/settings.py EDGE_ENV_NAMES lists
 // the same), and FERRY_EDGE_BINARY, which `ferry up` reads and passes on with its environment:
 // any other is a typo, refused as the Python processes refuse theirs.
 var edgeEnv = map[string]bool{"FERRY_EDGE_LISTEN": true, "FERRY_EDGE_UPSTREAM": true, "FERRY_EDGE_GATEWAY_ID": true,
 	"FERRY_EDGE_METRICS_LISTEN": true, "FERRY_EDGE_REUSE_PORT": true, "FERRY_EDGE_CPU_PROFILE": true,
-	"FERRY_EDGE_PROCS": true, "FERRY_EDGE_BINARY": true}
+	"FERRY_EDGE_PROCS": true, "FERRY_EDGE_WINDOW_BYTES": true, "FERRY_EDGE_BINARY": true}
 
 func parseConfig(args []string) (config, redisTarget, error) {
 	for _, kv := range os.Environ() {
@@ -92,6 +99,16 @@ func parseConfig(args []string) (config, redisTarget, error) {
 	}
 	fs.IntVar(&c.procs, "procs", procs,
 		"CPUs the edge runs Go code on at once (GOMAXPROCS); 0: Go's default, one per CPU [FERRY_EDGE_PROCS]")
+	// A fixed HTTP/2 window: with grpc-go's dynamic one, every call that arrives on a quiet
+	// connection makes the edge send a bandwidth-probing PING (and the client answer it), an
+	// extra write, read and wake-up per call at low load; small calls never grow the window,
+	// so the probing never stops (docs/edge.md, "Flow-control window").
+	window, werr := strconv.Atoi(env("FERRY_EDGE_WINDOW_BYTES", strconv.Itoa(4<<20)))
+	if werr != nil {
+		return c, redisTarget{}, fmt.Errorf("FERRY_EDGE_WINDOW_BYTES %q is not a number", os.Getenv("FERRY_EDGE_WINDOW_BYTES"))
+	}
+	fs.IntVar(&c.window, "window-bytes", window,
+		"HTTP/2 flow-control window of each call (the connection's is 4x); 0: grpc-go's dynamic window [FERRY_EDGE_WINDOW_BYTES]")
 	fs.DurationVar(&c.grace, "grace", 30*time.Second, "on SIGTERM, how long calls in flight may take to finish")
 	fs.DurationVar(&c.startWait, "start-wait", 60*time.Second, "how long to wait for the gateway at start")
 	if err := fs.Parse(args); err != nil {
@@ -110,6 +127,10 @@ func parseConfig(args []string) (config, redisTarget, error) {
 	}
 	if c.procs < 0 {
 		return c, redisTarget{}, errors.New("--procs must be >= 0")
+	}
+	if c.window != 0 && (c.window < minWindow || c.window > maxWindow) {
+		return c, redisTarget{}, fmt.Errorf("--window-bytes %d is out of range: 0 (dynamic) or %d to %d", c.window,
+			minWindow, maxWindow)
 	}
 	if c.grace < 0 || c.startWait <= 0 {
 		return c, redisTarget{}, errors.New("--grace must be >= 0 and --start-wait > 0")
@@ -222,13 +243,18 @@ func main() {
 		go http.Serve(ml, mux)
 	}
 	e := &edge{h: h, up: up, specs: newSpecs(up, time.Duration(h.SpecTTLs*float64(time.Second))), d: d, m: m}
-	srv := grpc.NewServer(
+	opts := []grpc.ServerOption{
 		grpc.CustomCodec(rawCodec{}),
 		grpc.UnknownServiceHandler(e.handle),
 		grpc.MaxRecvMsgSize(h.MaxMessageBytes),
 		grpc.MaxSendMsgSize(h.MaxMessageBytes),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
-	)
+	}
+	if cfg.window > 0 {
+		// Both, or the one left out falls back to HTTP/2's 64 KiB and caps the other.
+		opts = append(opts, grpc.InitialWindowSize(int32(cfg.window)), grpc.InitialConnWindowSize(int32(4*cfg.window)))
+	}
+	srv := grpc.NewServer(opts...)
 	mode := "takes inference calls itself"
 	if h.ForwardAll != "" {
 		mode = "relays every call (" + h.ForwardAll + ")"
