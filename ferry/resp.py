@@ -40,18 +40,36 @@ class RespError(Exception):
         return text.startswith(("NOGROUP", "UNBLOCKED"))
 
 
+# Encoded string arguments (command names, keys, script hashes, consumer names: a bounded set that
+# repeats every call), each as one ready piece.
+_PACKED: dict[str, bytes] = {}
+_PACKED_MAX = 4096
+_INLINE_MAX = 512  # bytes values up to this long are copied into one piece; longer ones go as they are
+
+
 def pack_into(out: list[bytes], args: Command) -> None:
-    """Append one command's RESP encoding to ``out``; values are not copied (writev sends them)."""
+    """Append one command's RESP encoding to ``out``; long values are not copied (writev sends them)."""
     out.append(b"*%d\r\n" % len(args))
     for a in args:
-        if isinstance(a, str):
-            a = a.encode()
-        elif not isinstance(a, bytes):
-            a = str(a).encode()
-        out.append(b"$%d\r\n" % len(a))
-        out.append(a)
-        out.append(b"\r\n")
-
+        if type(a) is bytes:
+            if len(a) <= _INLINE_MAX:
+                out.append(b"$%d\r\n%b\r\n" % (len(a), a))
+            else:
+                out += (b"$%d\r\n" % len(a), a, b"\r\n")
+        elif type(a) is str:
+            piece = _PACKED.get(a)
+            if piece is None:
+                e = a.encode()
+                piece = b"$%d\r\n%b\r\n" % (len(e), e)
+                if len(_PACKED) < _PACKED_MAX:
+                    _PACKED[a] = piece
+            out.append(piece)
+        elif type(a) is int:
+            e = b"%d" % a
+            out.append(b"$%d\r\n%b\r\n" % (len(e), e))
+        else:
+            e = a.encode() if isinstance(a, str) else a if isinstance(a, bytes) else str(a).encode()
+            out.append(b"$%d\r\n%b\r\n" % (len(e), e))
 
 
 class _Batch:
