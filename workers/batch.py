@@ -233,10 +233,11 @@ class BatchRunner:
         stats[Stat.COMPUTE_INPUT_NS] += input_ns * n
         stats[Stat.COMPUTE_INFER_NS] += (t2 - t1) * n
         stats[Stat.COMPUTE_OUTPUT_NS] += (t3 - t2) * n
-        stats[Stat.batch(size, "count")] += 1
-        stats[Stat.batch(size, "input_ns")] += input_ns
-        stats[Stat.batch(size, "infer_ns")] += t2 - t1
-        stats[Stat.batch(size, "output_ns")] += t3 - t2
+        count_f, input_f, infer_f, output_f = Stat.batch_fields(size)
+        stats[count_f] += 1
+        stats[input_f] += input_ns
+        stats[infer_f] += t2 - t1
+        stats[output_f] += t3 - t2
         stats[Stat.LAST_INFERENCE_MS] = now_ns // 1_000_000
 
 
