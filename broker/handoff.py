@@ -142,8 +142,9 @@ class Handoff:
     """The queue between a broker and the worker in its process, and the calls each side makes.
 
     The broker ``hand``s batches while ``has_room``; the worker ``take``s one, runs it, puts
-    ``finish``'s commands after its replies in one pipeline, and once Redis confirmed that
-    pipeline reports ``confirmed`` (which may return a follow-up to send the same way).
+    ``finish``'s commands after its replies in one pipeline, reports that it ``ran`` once the
+    pipeline is on the socket, and once Redis confirmed that pipeline reports ``confirmed``
+    (which may return a follow-up to send the same way).
     """
 
     def __init__(self, pool: str, depth: int) -> None:
@@ -153,15 +154,16 @@ class Handoff:
         self.running = 0  # handed and not yet finished
         self._idle = asyncio.Event()
         self._idle.set()
-        self._finish: Callable[[HandedBatch, int, int], Settled] | None = None
+        self._finish: Callable[[HandedBatch], Settled] | None = None
+        self._ran: Callable[[HandedBatch, int, int], None] | None = None
         self._confirmed: Callable[[Settled], Settled | None] | None = None
         self._lost: Callable[[Settled], None] | None = None
         self._closed = False
 
-    def attach(self, finish: Callable[[HandedBatch, int, int], Settled],
+    def attach(self, finish: Callable[[HandedBatch], Settled], ran: Callable[[HandedBatch, int, int], None],
                confirmed: Callable[[Settled], Settled | None], lost: Callable[[Settled], None]) -> None:
-        """The broker's side: how a finished batch is settled."""
-        self._finish, self._confirmed, self._lost = finish, confirmed, lost
+        """The broker's side: how a finished batch is settled, and what its run teaches."""
+        self._finish, self._ran, self._confirmed, self._lost = finish, ran, confirmed, lost
 
     def has_room(self) -> bool:
         return self._finish is not None and not self._closed and self.running < self.depth
@@ -175,16 +177,27 @@ class Handoff:
         self._idle.clear()
         self._queue.put_nowait(batch)
 
+    def waiting(self) -> bool:
+        """Batches handed over that the worker has not taken yet."""
+        return not self._queue.empty()
+
     async def take(self) -> HandedBatch:
         return await self._queue.get()
 
-    def finish(self, batch: HandedBatch, rows: int, compute_ns: int) -> Settled:
-        """The worker ran ``batch`` (``rows`` computed, 0 if nothing ran) and is about to send its replies."""
+    def finish(self, batch: HandedBatch) -> Settled:
+        """The worker ran ``batch`` and is about to send its replies: what the pipeline must carry."""
         assert self._finish is not None
         self.running -= 1
         if self.running == 0:
             self._idle.set()
-        return self._finish(batch, rows, compute_ns)
+        return self._finish(batch)
+
+    def ran(self, batch: HandedBatch, rows: int, compute_ns: int) -> None:
+        """The replies of ``batch`` (``rows`` computed, 0 if nothing ran) are on their way: room in
+        the pool, and the latency the broker learns.  Kept apart from ``finish`` so that this
+        bookkeeping runs after the replies leave, not on the client's time."""
+        assert self._ran is not None
+        self._ran(batch, rows, compute_ns)
 
     def confirmed(self, settled: Settled) -> Settled | None:
         assert self._confirmed is not None

@@ -97,7 +97,7 @@ class Broker:
         # The worker in this process, if any (broker.handoff): its pool's batches go to it directly.
         self.handoff = handoff
         if handoff is not None:
-            handoff.attach(self._handed_finished, self._handed_confirmed, self._handed_lost)
+            handoff.attach(self._handed_finished, self._handed_ran, self._handed_confirmed, self._handed_lost)
         self._handed_seq = 0
         self.redis = connect(settings.redis_url, settings.redis_timeout_s)
         self._reads = data_client(settings.redis_url, settings.redis_timeout_s + IDLE_BLOCK_MS / 1000)
@@ -199,6 +199,11 @@ class Broker:
                     # Let the dispatcher send what this read made ready before the read is re-armed:
                     # re-arming first put a Redis round of its own ahead of the batch.
                     await asyncio.sleep(0)
+                    if self.handoff is not None and self.handoff.waiting():
+                        # ...and let this process's worker run what it was handed and send the
+                        # replies: the client waits for those, while a read re-armed now could
+                        # only be answered after them (the loop computes inline).
+                        await asyncio.sleep(0)
                 backoff = 0.05
             except REDIS_DOWN as exc:
                 log.warning("redis unreachable (%s); retrying in %.2fs", exc, backoff)
@@ -359,17 +364,19 @@ class Broker:
         self._count([(model, pool, batch)], [])
         return True
 
-    def _handed_finished(self, batch: HandedBatch, rows: int, compute_ns: int) -> Settled:
+    def _handed_finished(self, batch: HandedBatch) -> Settled:
         model = self._by_key[(batch.model, batch.version)]
-        assert self.handoff is not None
-        self._finished(self._pools[self.handoff.pool], model, [batch.batch_id], rows, compute_ns, time.monotonic(),
-                       late_kick=True)
         settling = Settling(replies=True)
         for r in batch.requests:
             settling.settle(model, r)
         settling.seal()
         commands = ack_commands(settling.ready, keys.BROKER_GROUP, scripts.ACK_REQUESTS_SHA)
         return Settled(commands, settling, settling.ready)
+
+    def _handed_ran(self, batch: HandedBatch, rows: int, compute_ns: int) -> None:
+        assert self.handoff is not None
+        self._finished(self._pools[self.handoff.pool], self._by_key[(batch.model, batch.version)], [batch.batch_id],
+                       rows, compute_ns, time.monotonic(), late_kick=True)
 
     def _handed_confirmed(self, settled: Settled) -> Settled | None:
         """The worker's pipeline is confirmed: the entries it acknowledged are gone; the ones it waited

@@ -229,7 +229,13 @@ class Worker:
             batch = await handoff.take()
             try:
                 result, elapsed = await self._compute_batch(batch.model, batch.version, batch.members)
-                settled = handoff.finish(batch, result.rows_run, elapsed if result.rows_run else 0)
+                settled = handoff.finish(batch)
+                commands = scripts.push_reply_commands(result.replies) + settled.commands
+                self._outbox.put_nowait((commands, self._writes.send_now(commands), [], settled))
+                # The client waits for the replies, not for this: room in the pool, the latency the
+                # broker learns, statistics.
+                handoff.ran(batch, result.rows_run, elapsed if result.rows_run else 0)
+                self._account(batch.model, batch.version, batch.members, result, elapsed, batch.trace, 1)
             except Exception as exc:
                 # A bug (the model's own errors are replies): like a crash on the stream path, the
                 # process stops; the batch's requests stay pending and another broker takes them over.
@@ -238,10 +244,6 @@ class Worker:
                 self._broken = exc
                 self._stopping.set()
                 return
-            commands = scripts.push_reply_commands(result.replies) + settled.commands
-            sent = self._writes.send_now(commands)
-            self._account(batch.model, batch.version, batch.members, result, elapsed, batch.trace, 1)
-            await self._outbox.put((commands, sent, [], settled))
 
     async def _compute_batch(self, model: str, version: int, members: list[Member]) -> tuple[BatchResult, int]:
         """Run one batch: its result and how long it took (ns)."""
