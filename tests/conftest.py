@@ -177,6 +177,17 @@ def require_edge() -> None:
         pytest.skip(exc.message)
 
 
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A redis-server of this test's own on a free port; resumed first if the test stopped it (SIGSTOP)."""
+    s = start_redis()
+    try:
+        yield s
+    finally:
+        os.kill(s.proc.pid, signal.SIGCONT)
+        s.stop()
+
+
 @pytest.fixture(scope="session")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return full_repository(tmp_path_factory.mktemp("models"))

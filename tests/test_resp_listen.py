@@ -7,22 +7,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import Iterator
 
-import pytest
-
-from ferry.cluster import RedisServer, start_redis
+from ferry.cluster import RedisServer
 from ferry.resp import RespClient, listen
-
-
-@pytest.fixture
-def server() -> Iterator[RedisServer]:
-    s = start_redis()
-    try:
-        yield s
-    finally:
-        os.kill(s.proc.pid, signal.SIGCONT)
-        s.stop()
 
 
 async def _subscribed(r: RespClient, channel: str) -> None:
@@ -34,11 +21,11 @@ async def _subscribed(r: RespClient, channel: str) -> None:
     raise AssertionError(f"nobody subscribed to {channel}")
 
 
-def test_messages_reach_the_callback_in_order_and_a_killed_connection_ends_it(server: RedisServer) -> None:
+def test_messages_reach_the_callback_in_order_and_a_killed_connection_ends_it(redis_server: RedisServer) -> None:
     got: list[tuple[bytes, bytes]] = []
 
     async def run() -> BaseException | None:
-        r = RespClient(server.url, 2.0)
+        r = RespClient(redis_server.url, 2.0)
         all_in = asyncio.Event()
 
         def on_message(channel: bytes, data: bytes) -> None:
@@ -47,7 +34,7 @@ def test_messages_reach_the_callback_in_order_and_a_killed_connection_ends_it(se
                 all_in.set()
 
         # PINGs every 10 ms interleave with the messages: each reply must still find its caller.
-        task = asyncio.create_task(listen(server.url, 1.0, ["ch:a", "ch:b"], on_message, ping_s=0.01))
+        task = asyncio.create_task(listen(redis_server.url, 1.0, ["ch:a", "ch:b"], on_message, ping_s=0.01))
         await asyncio.wait_for(_subscribed(r, "ch:b"), 5)
         await r.execute([("PUBLISH", "ch:a", "1"), ("PUBLISH", "ch:b", "2"), ("PUBLISH", "ch:c", "x"),
                          ("PUBLISH", "ch:a", "3")])
@@ -68,13 +55,13 @@ def test_messages_reach_the_callback_in_order_and_a_killed_connection_ends_it(se
     assert error is not None, "a killed subscription must end with an error, so that its owner subscribes again"
 
 
-def test_a_silent_connection_ends_within_ping_plus_timeout(server: RedisServer) -> None:
+def test_a_silent_connection_ends_within_ping_plus_timeout(redis_server: RedisServer) -> None:
     async def run() -> tuple[BaseException | None, float]:
-        r = RespClient(server.url, 2.0)
-        task = asyncio.create_task(listen(server.url, 0.3, ["ch:a"], lambda c, d: None, ping_s=0.05))
+        r = RespClient(redis_server.url, 2.0)
+        task = asyncio.create_task(listen(redis_server.url, 0.3, ["ch:a"], lambda c, d: None, ping_s=0.05))
         await asyncio.wait_for(_subscribed(r, "ch:a"), 5)
         await r.close()
-        os.kill(server.proc.pid, signal.SIGSTOP)  # up, but answering nothing
+        os.kill(redis_server.proc.pid, signal.SIGSTOP)  # up, but answering nothing
         loop = asyncio.get_running_loop()
         start = loop.time()
         try:

@@ -5,27 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-from collections.abc import Iterator
 
 import hiredis
 import pytest
 
 from ferry import resp
-from ferry.cluster import RedisServer, start_redis
+from ferry.cluster import RedisServer
 from ferry.resp import RespClient, pack_into
 
 SIZES = (0, 1, resp._INLINE_MAX - 1, resp._INLINE_MAX, resp._INLINE_MAX + 1, 100_000)
-
-
-@pytest.fixture
-def server() -> Iterator[RedisServer]:
-    s = start_redis()
-    try:
-        yield s
-    finally:
-        os.kill(s.proc.pid, signal.SIGCONT)
-        s.stop()
 
 
 def _packed(args: list[bytes | str | int]) -> bytes:
@@ -45,9 +33,9 @@ def test_same_bytes_as_hiredis(size: int) -> None:
         assert _packed(args) == hiredis.pack_command(tuple(args))
 
 
-def test_values_of_every_size_round_trip_through_redis(server: RedisServer) -> None:
+def test_values_of_every_size_round_trip_through_redis(redis_server: RedisServer) -> None:
     async def run() -> None:
-        r = RespClient(server.url, 5.0)
+        r = RespClient(redis_server.url, 5.0)
         try:
             for size in SIZES:
                 value = os.urandom(size)
