@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from broker.handoff import is_handed
-from broker.scheduler import LatencyModel, smooth, worker_free_at
+from broker.latency import LatencyModel, smooth, worker_free_at
 
 EARLY_MEMORY_S = 10.0  # done notices for entries not (yet) known here are remembered this long
 

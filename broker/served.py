@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 
 from broker import keys
 from broker.handoff import Settling
+from broker.latency import LatencyModel
 from broker.messages import GROUP_STRIDE, Group
 from broker.pools import Pool
-from broker.scheduler import QUEUED, Entry, LatencyModel, ModelScheduler, Request
+from broker.scheduler import QUEUED, Entry, ModelScheduler, Request
 from ferry.repository import ModelVersion, Repository
 from ferry.settings import BrokerSettings
 

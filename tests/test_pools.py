@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
+from broker.latency import LatencyModel
 from broker.pools import Pool, fastest, least_loaded, route
-from broker.scheduler import LatencyModel
 
 
 def _latency(per_row: float) -> LatencyModel:

@@ -13,7 +13,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from broker.scheduler import QUEUED, Entry, LatencyModel, ModelScheduler, Request, worker_free_at
+from broker.latency import LatencyModel, worker_free_at
+from broker.scheduler import QUEUED, Entry, ModelScheduler, Request
 
 
 def _request(i: int, rows: int, now: float, *, level: int = 0, shape: str = "", deadline: float = math.inf,
