@@ -17,6 +17,12 @@ A peer is one of benchmarks/compare.py's (``ferry-edge``, ``triton``, ...), the 
 optionally from another checkout (``ferry-edge@DIR``: that tree's code, its own edge build if it
 has one) and with settings in its environment (``ferry-edge,FERRY_GATHER_US=500,GOGC=800``).  Which one starts first
 alternates by round.
+
+``--latency`` answers the other question, what a change does to one call's latency: both servers
+up at once on CPU 0 as above, and one client on CPU 1 that sends single calls, one at a time, to
+each in turn, ``--calls`` per segment, alternating which goes first.  It reports each segment's
+p50 and p99 (client side, in microseconds) and the median of the paired p50 ratios b/a.  The
+idle one costs the other about a percent of the core.
 """
 
 from __future__ import annotations
@@ -151,6 +157,54 @@ def one_round(pa: str, peers: list[Peer], args: argparse.Namespace, log_dir: Pat
     return sides
 
 
+def _request() -> bytes:
+    """One batch-1 ModelInfer for the example model, serialised once (no client-side protobuf per call)."""
+    import numpy as np
+
+    from ferry.example_model import EXAMPLE_MODEL, INPUT, LAYERS
+    from protos import grpc_service_pb2 as pb
+
+    req = pb.ModelInferRequest(model_name=EXAMPLE_MODEL)
+    tensor = req.inputs.add(name=INPUT, datatype="FP32")
+    tensor.shape.extend([1, LAYERS[0]])
+    req.raw_input_contents.append(np.random.default_rng(0).random((1, LAYERS[0]), dtype=np.float32).tobytes())
+    return req.SerializeToString()
+
+
+def latency(peers: list[Peer], args: argparse.Namespace, log_dir: Path, onnx: Path) -> None:
+    import grpc
+
+    body = _request()
+    p50: list[list[float]] = [[], []]
+    p99: list[list[float]] = [[], []]
+    with contextlib.ExitStack() as stack:
+        urls = [stack.enter_context(serve(p.name, args, SERVER_CPU, onnx, log_dir, root=p.root, ferry_env=p.env))
+                for p in peers]
+        os.sched_setaffinity(0, {CLIENT_CPU})  # before the channels: gRPC's threads inherit it
+        calls = [stack.enter_context(grpc.insecure_channel(u)).unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer", request_serializer=None, response_deserializer=None)
+                 for u in urls]
+        for call in calls:
+            for _ in range(args.calls):
+                call(body, timeout=10)
+        for seg in range(args.segments):
+            for i in (0, 1) if seg % 2 == 0 else (1, 0):
+                took = []
+                for _ in range(args.calls):
+                    t0 = time.perf_counter_ns()
+                    calls[i](body, timeout=10)
+                    took.append(time.perf_counter_ns() - t0)
+                took.sort()
+                p50[i].append(took[len(took) // 2] / 1e3)
+                p99[i].append(took[min(len(took) - 1, int(len(took) * 0.99))] / 1e3)
+            print(f"segment {seg + 1}: a p50 {p50[0][-1]:6.0f} p99 {p99[0][-1]:6.0f} us | "
+                  f"b p50 {p50[1][-1]:6.0f} p99 {p99[1][-1]:6.0f} us", flush=True)
+    ratios = [b / a for a, b in zip(*p50, strict=True)]
+    print(f"median p50 a {statistics.median(p50[0]):.0f} us, b {statistics.median(p50[1]):.0f} us; "
+          f"median p99 a {statistics.median(p99[0]):.0f} us, b {statistics.median(p99[1]):.0f} us; "
+          f"p50 b/a median {statistics.median(ratios):.3f} (b lower in {sum(r < 1 for r in ratios)} of {len(ratios)})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--a", type=parse_peer, default=parse_peer("ferry-edge"), help="the reference")
@@ -161,22 +215,35 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4, help="the first server alternates by round")
     ap.add_argument("--solo", action="store_true",
                     help="each server alone on CPU 0 in turn (the usual pinned measurement, with its CPU use)")
+    ap.add_argument("--latency", action="store_true",
+                    help="one call at a time, alternating between the two servers (see above)")
+    ap.add_argument("--segments", type=int, default=20, help="--latency: segments per server")
+    ap.add_argument("--calls", type=int, default=300, help="--latency: calls per segment (and to warm up)")
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--delay-us", type=int, default=2000)
     ap.add_argument("--start-timeout-s", type=float, default=180)
     args = ap.parse_args()
     args.ferry_gateways = args.ferry_workers = 1  # what benchmarks/compare.py's serve() reads
+    if args.latency and args.solo:
+        ap.error("--latency keeps both servers up at once; it has no --solo")
+    if args.segments < 1 or args.calls < 1:
+        ap.error("--segments and --calls must be at least 1")
     if (os.cpu_count() or 1) < 2:
         ap.error("needs 2 CPUs: the servers share CPU 0, the clients CPU 1")
     for p in (args.a, args.b):
         if p.name in EXTERNAL:
             importlib.import_module(f"benchmarks.peers.{p.name}").setup(ROOT / ".cache" / "peers" / p.name)
-    pa = perf_analyzer()
     from ferry.example_model import build_onnx
 
     log_dir = Path(tempfile.mkdtemp(prefix="ferry-h2h-"))
     onnx = log_dir / "mlp.onnx"
     onnx.write_bytes(build_onnx())
+    if args.latency:
+        print(f"a = {args.a.label}, b = {args.b.label}; one call at a time, {args.segments} segments of "
+              f"{args.calls} calls each; logs in {log_dir}", flush=True)
+        latency([args.a, args.b], args, log_dir, onnx)
+        return
+    pa = perf_analyzer()
     print(f"a = {args.a.label}, b = {args.b.label}; c={args.concurrency} each, {args.seconds:.0f} s a round; "
           f"logs in {log_dir}", flush=True)
     ratios = []

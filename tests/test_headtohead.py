@@ -21,3 +21,14 @@ def test_bad_peer_specs_are_refused(spec: str, says: str) -> None:
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert says in proc.stderr
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--latency", "--solo"], "it has no --solo"),
+    (["--latency", "--calls", "0"], "--segments and --calls must be at least 1"),
+])
+def test_latency_mode_refuses_what_it_cannot_do(args: list[str], says: str) -> None:
+    proc = subprocess.run([sys.executable, "benchmarks/headtohead.py", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert says in proc.stderr
