@@ -178,9 +178,11 @@ def latency(peers: list[Peer], args: argparse.Namespace, log_dir: Path, onnx: Pa
     p50: list[list[float]] = [[], []]
     p99: list[list[float]] = [[], []]
     with contextlib.ExitStack() as stack:
-        urls = [stack.enter_context(serve(p.name, args, SERVER_CPU, onnx, log_dir, root=p.root, ferry_env=p.env))
+        cpu = None if args.unpinned else SERVER_CPU
+        urls = [stack.enter_context(serve(p.name, args, cpu, onnx, log_dir, root=p.root, ferry_env=p.env))
                 for p in peers]
-        os.sched_setaffinity(0, {CLIENT_CPU})  # before the channels: gRPC's threads inherit it
+        if not args.unpinned:
+            os.sched_setaffinity(0, {CLIENT_CPU})  # before the channels: gRPC's threads inherit it
         calls = [stack.enter_context(grpc.insecure_channel(u)).unary_unary(
             "/inference.GRPCInferenceService/ModelInfer", request_serializer=None, response_deserializer=None)
                  for u in urls]
@@ -218,6 +220,7 @@ def main() -> None:
     ap.add_argument("--latency", action="store_true",
                     help="one call at a time, alternating between the two servers (see above)")
     ap.add_argument("--segments", type=int, default=20, help="--latency: segments per server")
+    ap.add_argument("--unpinned", action="store_true", help="--latency: servers and client on any CPU")
     ap.add_argument("--calls", type=int, default=300, help="--latency: calls per segment (and to warm up)")
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--delay-us", type=int, default=2000)
@@ -226,6 +229,8 @@ def main() -> None:
     args.ferry_gateways = args.ferry_workers = 1  # what benchmarks/compare.py's serve() reads
     if args.latency and args.solo:
         ap.error("--latency keeps both servers up at once; it has no --solo")
+    if args.unpinned and not args.latency:
+        ap.error("--unpinned is for --latency (CPU per inference needs the servers on one CPU)")
     if args.segments < 1 or args.calls < 1:
         ap.error("--segments and --calls must be at least 1")
     if (os.cpu_count() or 1) < 2:

@@ -26,6 +26,7 @@ def test_bad_peer_specs_are_refused(spec: str, says: str) -> None:
 @pytest.mark.parametrize(("args", "says"), [
     (["--latency", "--solo"], "it has no --solo"),
     (["--latency", "--calls", "0"], "--segments and --calls must be at least 1"),
+    (["--unpinned"], "--unpinned is for --latency"),
 ])
 def test_latency_mode_refuses_what_it_cannot_do(args: list[str], says: str) -> None:
     proc = subprocess.run([sys.executable, "benchmarks/headtohead.py", *args], cwd=ROOT,
