@@ -321,3 +321,18 @@ print(w.redis_url, w.log_level, w.pool, w.coalesce, w.model_repository)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["redis://10.0.0.1:7000/2", "DEBUG", "gpu", "3", str(tmp_path)]
+
+
+def test_the_edge_and_the_python_processes_know_the_same_edge_settings() -> None:
+    """ferry/settings.py lists the edge's variables so that one environment serves every process; the
+    edge (gateway/edge/main.go, edgeEnv) refuses any FERRY_EDGE_ name it does not read. The two lists
+    must agree, or a setting one side accepts stops the other at start."""
+    import re
+
+    from ferry.settings import EDGE_ENV_NAMES, LAUNCHER_ENV_NAMES
+
+    source = (ROOT / "gateway" / "edge" / "main.go").read_text()
+    block = re.search(r"var edgeEnv = map\[string\]bool\{(.*?)\}", source, re.S)
+    assert block is not None, "edgeEnv not found in gateway/edge/main.go"
+    go_names = set(re.findall(r'"(FERRY_[A-Z_]+)": true', block.group(1)))
+    assert go_names == set(EDGE_ENV_NAMES) | set(LAUNCHER_ENV_NAMES)
