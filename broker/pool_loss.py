@@ -1,6 +1,6 @@
 """What the broker does when a pool has no live worker.
 
-Three cases, each checked by every dispatch round (broker.service):
+Three cases, each checked by every dispatch round (broker.dispatch):
 
 * **Requests nobody can run.**  A model none of whose pools has had a live worker for
   ``no_worker_grace_s`` fails its queued requests with UNAVAILABLE, naming the pools and how to

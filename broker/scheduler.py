@@ -1,7 +1,7 @@
 """Batch formation for one model version: a pure, clock-injected scheduler.
 
 The broker feeds it requests and asks it for one batch whenever the model's
-pool has room for another (see broker.service); everything here is plain
+pool has room for another (see broker.dispatch); everything here is plain
 data structures on an injected monotonic clock, so the rules below are
 property-tested without Redis or a real clock (tests/test_scheduler.py).
 
