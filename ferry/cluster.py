@@ -36,6 +36,14 @@ def _ephemeral_low() -> int:
 
 # Ports handed out by this process so far, in a random order: never the same one twice.
 _PORTS = iter(random.sample(range(10_000, max(10_001, min(_ephemeral_low(), 50_000))), k=1_000))
+# Ports another process chose for a listener this one starts (`ferry up --grpc-port`): still free
+# until that listener binds, so free_port must skip them itself.
+_CLAIMED: set[int] = set()
+
+
+def claim_port(port: int) -> None:
+    """Keep ``free_port`` off ``port``, a port a listener about to start here was given."""
+    _CLAIMED.add(port)
 
 
 def free_port() -> int:
@@ -46,6 +54,8 @@ def free_port() -> int:
     this one between this check and the listener's bind, as it once did in a test run.
     """
     for port in _PORTS:
+        if port in _CLAIMED:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
@@ -307,6 +317,9 @@ def up(model_repository: Path | None, grpc_port: int, workers: int, host: str, r
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
     stopping = False
     grpc_port = grpc_port or free_port()
+    # The edge binds it only after the gateway has started on a port of free_port's: the
+    # benchmark harness once got a gateway port equal to the --grpc-port it had chosen.
+    claim_port(grpc_port)
 
     def on_signal(signum: int, _frame: object) -> None:
         nonlocal stopping
@@ -317,6 +330,8 @@ def up(model_repository: Path | None, grpc_port: int, workers: int, host: str, r
     # Each child its own metrics port; FERRY_METRICS_PORT, if set, is the gateway's (-1: all off).
     wanted = os.environ.get("FERRY_METRICS_PORT")
     off = wanted is not None and int(wanted) < 0
+    if wanted and int(wanted) > 0:
+        claim_port(int(wanted))  # the gateway's, bound after the others have picked theirs
     env.pop("FERRY_METRICS_PORT", None)
     metric_ports: list[tuple[str, int]] = []
 

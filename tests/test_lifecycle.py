@@ -46,6 +46,18 @@ def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("FERRY_") and k != "REDIS_URL"}
 
 
+def test_free_port_skips_a_port_claimed_for_a_listener_not_yet_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `ferry up --grpc-port P --edge`: P is still free while the gateway picks its private port (the
+    # edge binds P later); a benchmark run once got the gateway on P and the edge failed to start.
+    import ferry.cluster as cluster
+
+    given, other = free_port(), free_port()
+    monkeypatch.setattr(cluster, "_PORTS", iter([given, other]))
+    monkeypatch.setattr(cluster, "_CLAIMED", set())
+    cluster.claim_port(given)
+    assert cluster.free_port() == other
+
+
 @pytest.mark.parametrize("front", ["gateway", "edge"])
 def test_ferry_up_serves_the_example_and_stops_cleanly(tmp_path: Path, front: str) -> None:
     if front == "edge":
