@@ -319,11 +319,14 @@ def interleaved(pa: str, args: argparse.Namespace, peers: list[str], modes: list
         with contextlib.ExitStack() as stack:
             urls = {}
             for p in peers:
-                print(f"starting {p}, {mode}", flush=True)
-                try:
-                    urls[p] = stack.enter_context(serve(p, args, server_cpu, onnx, log_dir))
-                except (RuntimeError, TimeoutError) as exc:
-                    _did_not_start(p, exc, log_dir)  # the others are still measured against each other
+                # A second try: one failed start (a port race) would otherwise cost the peer the whole mode.
+                for attempt in (1, 2):
+                    print(f"starting {p}, {mode}" + (" (second try)" if attempt == 2 else ""), flush=True)
+                    try:
+                        urls[p] = stack.enter_context(serve(p, args, server_cpu, onnx, log_dir))
+                        break
+                    except (RuntimeError, TimeoutError) as exc:
+                        _did_not_start(p, exc, log_dir)  # the others are still measured against each other
             up = [p for p in peers if p in urls]
             for rep in range(args.repeat):
                 sweep: dict[str, list[Row]] = {p: [] for p in up}
