@@ -127,6 +127,7 @@ class HandedBatch:
     members: list[Member]
     trace: str  # the broker's batch span ('' = not traced)
     requests: list[Request]  # the broker's own records of the members, in the same order
+    replied_ns: int = 0  # wall clock just before its replies were sent (callers answered after it)
 
 
 @dataclass(eq=False)

@@ -40,7 +40,14 @@ gather window at any rate while the gateways hold more calls than are queued
 workers share one CPU core an idle worker is no sign of a free core, and each
 early one-request batch costs the core a round of every process (Ferry pinned
 to one core ran at about 700/s just in time and 1,000/s gathering).  A lone
-call still leaves at once: nothing exists that could join it.
+call still leaves at once: nothing exists that could join it.  With
+``return_wait_s`` (off by default), after a batch's replies go out a partial
+batch also waits, up to that long, for as many new requests as the batch
+answered -- closed-loop clients send their next call as soon as they have a
+reply -- while that cohort and the queue together fill at most half a batch:
+small cohorts then run as one model call instead of several, and bigger ones
+keep two batches in turn (one computing while the other's callers come back).
+Requests enqueued before the replies left do not count as returning.
 ``fixed`` (window W): as Triton's dynamic batcher, a partial batch waits
 until its oldest request has waited W (kept for reproducible comparisons).
 """
@@ -152,6 +159,7 @@ class ModelScheduler:
         window_s: float | None = None,
         gather_s: float = 0.0,
         just_in_time: bool = True,
+        return_wait_s: float = 0.0,
         preferred: tuple[int, ...] = (),
         static_sizes: tuple[int, ...] = (),
         starvation_limit: int = 8,
@@ -163,6 +171,12 @@ class ModelScheduler:
         self.window_s = window_s
         self.gather_s = gather_s
         self.just_in_time = just_in_time
+        self.return_wait_s = return_wait_s
+        # return_wait_s: rows just answered whose callers have not sent their next request yet, how
+        # long a partial batch may wait for them, and the wall clock their next requests come after.
+        self._owed = 0
+        self._owed_until = 0.0
+        self._owed_after_ns = 0
         self._holding: dict[str, tuple[int, float]] = {}  # gateway -> (calls it holds, when it said so)
         self.static_sizes = tuple(sorted(static_sizes))
         self.cap = min(max_batch_size, self.static_sizes[-1]) if self.static_sizes else max_batch_size
@@ -209,6 +223,8 @@ class ModelScheduler:
             self._last_arrival = req.arrived
             self._burst = 0
         self._burst += 1
+        if self._owed and req.enqueued_ns >= self._owed_after_ns:
+            self._owed = max(0, self._owed - req.rows)
         ahead = self.live_rows + ahead_rows
         # Without a deadline nothing can make it late: skip the arithmetic (most traffic has none).
         if ahead and req.deadline != math.inf and (speed := self.speed()) > 0:
@@ -243,8 +259,10 @@ class ModelScheduler:
         one_worker = cap / self.latency.expected(cap) if self.latency.expected(cap) > 0 else 0.0
         return max(self.drain_rate, one_worker)
 
-    def observe_done(self, rows: int, now: float) -> None:
-        """A batch of this model finished: track how fast queued rows drain."""
+    def observe_done(self, rows: int, now: float, replied_ns: int = 0) -> None:
+        """A batch of this model finished: track how fast queued rows drain, and (``return_wait_s``)
+        expect its callers back.  ``replied_ns``: the wall clock just before its replies left, when
+        known; requests enqueued earlier were not sent in answer to them."""
         if self._last_done:
             gap = now - self._last_done
             if gap > 0:
@@ -252,6 +270,12 @@ class ModelScheduler:
                 self._done_gap = 0.9 * self._done_gap + 0.1 * gap if self._done_gap else gap
                 self.drain_rate = self._done_rows / self._done_gap
         self._last_done = now
+        if self.return_wait_s > 0:
+            if now > self._owed_until:
+                self._owed = 0
+            self._owed += rows
+            self._owed_until = now + self.return_wait_s
+            self._owed_after_ns = replied_ns
 
     def _place(self, req: Request, *, front: bool) -> None:
         req.token = next(self._tokens)
@@ -412,7 +436,9 @@ class ModelScheduler:
         -inf when one is idle), since waiting for a busy worker costs nothing.  Otherwise
         ``gather_s``, as a fixed window; without ``just_in_time`` also at lower rates, whenever the
         gateways hold more calls than are queued here (a lone call still leaves at once).  Never
-        so long that the most urgent request would have to be rejected instead."""
+        so long that the most urgent request would have to be rejected instead.  With
+        ``return_wait_s``, at least until the callers of the last batch are back (or that wait is
+        over), while they and the queue fill at most half a batch."""
         if self.window_s is not None or not self.live:
             return 0.0
         oldest = self._fifo[0][1].arrived
@@ -424,6 +450,9 @@ class ModelScheduler:
             hold = self.gather_s
         else:
             hold = release_at - oldest
+        if self._owed and 2 * (self._owed + self.live_rows) <= self._full_at:
+            # A small cohort is on its way back: one model call for all of it (see the module doc).
+            hold = max(hold, self._owed_until - oldest)
         urgent = self.next_check()
         if urgent is not None:
             hold = min(hold, urgent - oldest)

@@ -69,6 +69,7 @@ def serve(settings: BrokerSettings, repo: Repository) -> tuple[dict[bytes, Serve
             window_s=window,
             gather_s=settings.gather_us / 1e6,
             just_in_time=settings.just_in_time,
+            return_wait_s=settings.return_wait_us / 1e6,
             preferred=s.preferred_batch_sizes,
             static_sizes=s.static_batch_sizes,
             starvation_limit=settings.starvation_limit,

@@ -293,12 +293,12 @@ class Broker:
         self._finished(pool, self._by_key.get((model_name, version)), ids, rows, compute_ns, now)
 
     def _finished(self, pool: Pool, model: Served | None, ids: list[bytes], rows: int, compute_ns: int,
-                  now: float, *, late_kick: bool = False) -> None:
+                  now: float, *, late_kick: bool = False, replied_ns: int = 0) -> None:
         """Batches ``ids`` of ``pool`` are done: room in the pool, and what the model's latency model learns."""
         sent = [t for i in ids if (t := pool.finished(i, now)) is not None]
         lat = model.latency_on(pool.name) if model is not None else None
         if model is not None and lat is not None and rows > 0:
-            model.sched.observe_done(rows, now)
+            model.sched.observe_done(rows, now, replied_ns)
             compute = compute_ns / 1e9
             lat.observe(rows, compute)
             if sent:
@@ -315,6 +315,7 @@ class Broker:
     # --- batches handed to the worker in this process (broker.handoff) -----------------------
 
     def _handed_finished(self, batch: HandedBatch) -> Settled:
+        batch.replied_ns = time.time_ns()
         model = self._by_key[(batch.model, batch.version)]
         settling = Settling(replies=True)
         for r in batch.requests:
@@ -326,7 +327,7 @@ class Broker:
     def _handed_ran(self, batch: HandedBatch, rows: int, compute_ns: int) -> None:
         assert self.handoff is not None
         self._finished(self._pools[self.handoff.pool], self._by_key[(batch.model, batch.version)], [batch.batch_id],
-                       rows, compute_ns, time.monotonic(), late_kick=True)
+                       rows, compute_ns, time.monotonic(), late_kick=True, replied_ns=batch.replied_ns)
 
     def _handed_confirmed(self, settled: Settled) -> Settled | None:
         """The worker's pipeline is confirmed: the entries it acknowledged are gone; the ones it waited

@@ -193,6 +193,13 @@ class BrokerSettings(CommonSettings):
         "gathers up to gather_us. `ferry up` turns it off when its processes are confined to one CPU, where "
         "every early batch takes the core from the gateway (docs/scheduling.md)"
     )
+    return_wait_us: int = knob(
+        0, "with batch_window=adaptive, after a batch's replies go out, a partial batch waits up to this long "
+        "for as many new requests as that batch answered (closed-loop clients send their next call as soon as "
+        "they have a reply), while those and the queue fill at most half a batch: fewer, bigger model calls "
+        "at low concurrency; open-loop traffic may wait this long for callers who are not coming back. "
+        "0: off (docs/scheduling.md)"
+    )
     pool_depth: int = knob(
         2, "batches per live worker a pool's stream may hold (one running, the next ready); the rest "
         "wait in the broker, where they still grow into bigger batches and obey priorities. `ferry up --edge` "
@@ -217,6 +224,8 @@ class BrokerSettings(CommonSettings):
             raise ConfigError(f"batch_window {self.batch_window!r} must be 'adaptive' or 'fixed'")
         if self.gather_us < 0:
             raise ConfigError("gather_us must be >= 0")
+        if self.return_wait_us < 0:
+            raise ConfigError("return_wait_us must be >= 0")
         if self.pool_depth < 1:
             raise ConfigError("pool_depth must be >= 1")
         if self.starvation_limit < 1:

@@ -294,6 +294,57 @@ def test_without_just_in_time_a_slow_trickle_gathers_while_the_gateways_hold_mor
     assert j.hold_for(-math.inf) == 0.0
 
 
+def _sent_at(i: int, now: float, enqueued_ns: int) -> Request:
+    r = _request(i, 1, now)
+    r.enqueued_ns = enqueued_ns
+    return r
+
+
+def test_return_wait_holds_a_small_batch_for_the_callers_just_answered() -> None:
+    """Closed-loop callers come back after their replies: a partial batch waits for as many new
+    requests as the last batch answered (up to return_wait_s), then leaves as one model call."""
+    s = ModelScheduler("m", max_batch_size=32, return_wait_s=0.0025, latency=_fixed(0.0, 0.001))
+    for i in range(4):  # queued while the last batch ran: sent before its replies left
+        s.add(_sent_at(i, 1.0, enqueued_ns=100))
+    s.observe_done(4, 1.001, replied_ns=200)  # that batch answered 4 callers
+    hold = s.hold_for(-math.inf)
+    assert hold == pytest.approx(0.0035)  # from the oldest arrival (1.0) to 2.5 ms after the replies
+    assert s.take(1.002, hold_s=hold) == []
+    for i in range(4, 7):
+        s.add(_sent_at(i, 1.0015, enqueued_ns=300))  # 3 of the 4 are back
+    assert s.take(1.002, hold_s=s.hold_for(-math.inf)) == []
+    s.add(_sent_at(7, 1.002, enqueued_ns=400))  # the last one: nobody is owed any more
+    assert len(s.take(1.002, hold_s=s.hold_for(-math.inf))) == 8
+
+
+def test_return_wait_ends_and_ignores_requests_sent_before_the_replies() -> None:
+    s = ModelScheduler("m", max_batch_size=32, return_wait_s=0.0025, latency=_fixed(0.0, 0.001))
+    s.observe_done(2, 1.0, replied_ns=1_000)
+    s.add(_sent_at(0, 1.0001, enqueued_ns=999))  # read after the replies, sent before them
+    s.add(_sent_at(1, 1.0001, enqueued_ns=999))
+    hold = s.hold_for(-math.inf)
+    assert hold == pytest.approx(0.0024)  # still owed 2: it waits until 2.5 ms after the replies
+    assert s.take(1.0024, hold_s=hold) == []
+    assert len(s.take(1.0025, hold_s=hold)) == 2  # the callers did not come back: the wait is over
+    s.observe_done(2, 1.0030, replied_ns=2_000)
+    s.add(_sent_at(2, 1.0200, enqueued_ns=3_000))  # after the wait: a new debt is not this one
+    assert s.hold_for(-math.inf) == 0.0
+
+
+def test_return_wait_leaves_big_cohorts_and_the_default_alone() -> None:
+    """A cohort over half a batch keeps two batches in turn, one computing while the other's callers
+    come back; without return_wait_s (the default) nothing waits at all."""
+    s = ModelScheduler("m", max_batch_size=32, return_wait_s=0.0025, latency=_fixed(0.0, 0.001))
+    for i in range(9):
+        s.add(_sent_at(i, 1.0, enqueued_ns=100))
+    s.observe_done(8, 1.001, replied_ns=200)  # 8 owed + 9 queued: over half of 32
+    assert s.hold_for(-math.inf) == 0.0
+    d = ModelScheduler("m", max_batch_size=32, latency=_fixed(0.0, 0.001))
+    d.add(_sent_at(0, 1.0, enqueued_ns=100))
+    d.observe_done(4, 1.001, replied_ns=200)
+    assert d.hold_for(-math.inf) == 0.0
+
+
 def test_a_request_behind_a_queue_it_cannot_outwait_is_rejected_on_arrival() -> None:
     s = ModelScheduler("m", max_batch_size=4, latency=_fixed(0.0025, 0.0))  # 4 rows in 10 ms
     for t in range(1, 11):  # and it drains 4 rows every 10 ms: 400 rows/s
