@@ -127,3 +127,36 @@ def test_a_request_that_kills_the_process_is_retried_through_the_pool_stream_the
         c.stop_cleanly()
     finally:
         c.close()
+
+
+def test_with_return_wait_a_closed_loop_runs_one_batch_a_round(repo: Path, tmp_path: Path) -> None:
+    """--return-wait-us: a batch waits for the callers the last one answered, so four clients calling
+    in a loop make one model call a round. Without it (gather 0, depth 1, as behind the edge) a batch
+    leaves as soon as the worker is free, and rounds split over two or three calls. The generous wait
+    keeps the count exact on a slow machine: it ends as soon as the callers are back."""
+    c = Cluster(repo, tmp_path, workers=0, broker_args=(
+        "--colocated-worker", "--gather-us", "0", "--pool-depth", "1", "--return-wait-us", "2000000"))
+    try:
+        rounds, clients = 10, 4
+        xs = [[np.random.default_rng(10 * k + i).standard_normal((1, 256)).astype(np.float32)
+               for i in range(rounds)] for k in range(clients)]
+
+        def loop(k: int) -> list[np.ndarray]:
+            client = c.client()
+            return [_mlp(client, x) for x in xs[k]]
+
+        with ThreadPoolExecutor(clients) as pool:
+            outs = list(pool.map(loop, range(clients)))
+        sess = ort.InferenceSession(str(repo / "mlp" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+        for k in range(clients):
+            for x, got in zip(xs[k], outs[k], strict=True):
+                assert got.tobytes() == sess.run(None, {"INPUT0": x})[0].tobytes()
+        deadline = time.monotonic() + 10
+        while int(_stats(c).get("inference_count", 0)) < rounds * clients:
+            assert time.monotonic() < deadline, c.logs()
+            time.sleep(0.05)
+        # The first round may split while the clients start; after it, one call a round.
+        assert int(_stats(c)["execution_count"]) <= rounds + 2, _stats(c)
+        c.stop_cleanly()
+    finally:
+        c.close()
