@@ -64,7 +64,6 @@ class Dispatcher:
                  writes: DataClient, live: LiveWorkers, tracing: Tracing, handoff: Handoff | None,
                  idle_s: float) -> None:
         self.settings = settings
-        self._models = models
         self._model_list = list(models.values())
         self._pools = pools
         self._writes = writes
