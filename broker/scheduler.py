@@ -41,12 +41,14 @@ workers share one CPU core an idle worker is no sign of a free core, and each
 early one-request batch costs the core a round of every process (Ferry pinned
 to one core ran at about 700/s just in time and 1,000/s gathering).  A lone
 call still leaves at once: nothing exists that could join it.  With
-``return_wait_s`` (off by default), after a batch's replies go out a partial
+``return_wait_s`` (the broker's return_wait_us, applied only while the
+broker's CPUs are saturated: broker.cpu_load), after a batch's replies go out a partial
 batch also waits, up to that long, for as many new requests as the batch
 answered -- closed-loop clients send their next call as soon as they have a
-reply -- while that cohort and the queue together fill at most half a batch:
-small cohorts then run as one model call instead of several, and bigger ones
-keep two batches in turn (one computing while the other's callers come back).
+reply -- while that cohort and the queue together fill at most a quarter of a
+batch: small cohorts then run as one model call instead of several, and bigger
+ones keep two batches in turn (one computing while the other's callers come
+back; holding 16 callers to one batch of 32 lost throughput pinned to one core).
 Requests enqueued before the replies left do not count as returning.
 ``fixed`` (window W): as Triton's dynamic batcher, a partial batch waits
 until its oldest request has waited W (kept for reproducible comparisons).
@@ -62,6 +64,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from broker.latency import LatencyModel
+from broker.traffic import Traffic
 from ferry.errors import Code
 
 QUEUED, TAKEN, DROPPED = 0, 1, 2
@@ -73,8 +76,6 @@ GATHER_ARRIVALS = 2.0
 # (deadline - expected) and the test (now + expected >= deadline) round differently in floating
 # point; with no margin a request could sit queued one ulp past hopeless (a property test found it).
 HOPELESS_MARGIN_S = 1e-9
-# A gateway's count of the calls it holds (its latest group's) is forgotten after this long.
-HOLDING_MEMORY_S = 1.0
 
 
 @dataclass(slots=True, eq=False)
@@ -171,13 +172,7 @@ class ModelScheduler:
         self.window_s = window_s
         self.gather_s = gather_s
         self.just_in_time = just_in_time
-        self.return_wait_s = return_wait_s
-        # return_wait_s: rows just answered whose callers have not sent their next request yet, how
-        # long a partial batch may wait for them, and the wall clock their next requests come after.
-        self._owed = 0
-        self._owed_until = 0.0
-        self._owed_after_ns = 0
-        self._holding: dict[str, tuple[int, float]] = {}  # gateway -> (calls it holds, when it said so)
+        self.traffic = Traffic(return_wait_s)
         self.static_sizes = tuple(sorted(static_sizes))
         self.cap = min(max_batch_size, self.static_sizes[-1]) if self.static_sizes else max_batch_size
         self._full_at = min(max(preferred), self.cap) if preferred else self.cap
@@ -190,15 +185,6 @@ class ModelScheduler:
         self._tokens = itertools.count()
         self.live = 0
         self.live_rows = 0
-        self._last_arrival = 0.0
-        self._burst = 0
-        self._arrival_count = 0.0
-        self._arrival_gap = 0.0
-        self.rate = 0.0  # arrivals per second, a moving average
-        self.drain_rate = 0.0  # rows finished per second, a moving average
-        self._last_done = 0.0
-        self._done_rows = 0.0
-        self._done_gap = 0.0
 
     def __len__(self) -> int:
         return self.live
@@ -208,23 +194,7 @@ class ModelScheduler:
     def add(self, req: Request, ahead_rows: int = 0) -> None:
         """Queue a request; ``ahead_rows``: rows already handed to the pool that it also waits behind."""
         req.level = min(max(req.level, 0), len(self._levels) - 1)
-        if req.arrived > self._last_arrival:
-            # Requests arrive in reads (gateway groups, broker reads): the rate is requests per
-            # read over time between reads, each a moving average (an average of per-read rates
-            # would overrate bursty arrivals).
-            if self._burst:
-                gap = req.arrived - self._last_arrival
-                if self._arrival_gap:
-                    self._arrival_count = 0.9 * self._arrival_count + 0.1 * self._burst
-                    self._arrival_gap = 0.9 * self._arrival_gap + 0.1 * gap
-                else:
-                    self._arrival_count, self._arrival_gap = self._burst, gap
-                self.rate = self._arrival_count / self._arrival_gap
-            self._last_arrival = req.arrived
-            self._burst = 0
-        self._burst += 1
-        if self._owed and req.enqueued_ns >= self._owed_after_ns:
-            self._owed = max(0, self._owed - req.rows)
+        self.traffic.arrive(req.arrived, req.enqueued_ns, req.rows)
         ahead = self.live_rows + ahead_rows
         # Without a deadline nothing can make it late: skip the arithmetic (most traffic has none).
         if ahead and req.deadline != math.inf and (speed := self.speed()) > 0:
@@ -235,47 +205,12 @@ class ModelScheduler:
                 req.doomed = wait
         self._place(req, front=False)
 
-    def note_holding(self, gateway: str, calls: int, now: float) -> None:
-        """A gateway's latest count of the calls it holds waiting for replies (0: unknown)."""
-        if calls > 0:
-            self._holding[gateway] = (calls, now)
-        else:
-            self._holding.pop(gateway, None)
-
-    def _more_coming(self, now: float) -> bool:
-        """Whether gateways hold more calls than are queued here: requests exist that may join."""
-        held = 0
-        for gateway, (calls, at) in list(self._holding.items()):
-            if now - at > HOLDING_MEMORY_S:
-                del self._holding[gateway]
-            else:
-                held += calls
-        return held > self.live
-
     def speed(self) -> float:
         """Rows per second the pool gets through: as measured when it is saturated, and at least what
         one worker computes (below saturation the measured rate is only the arrival rate)."""
         cap = max(1, self.cap)
         one_worker = cap / self.latency.expected(cap) if self.latency.expected(cap) > 0 else 0.0
-        return max(self.drain_rate, one_worker)
-
-    def observe_done(self, rows: int, now: float, replied_ns: int = 0) -> None:
-        """A batch of this model finished: track how fast queued rows drain, and (``return_wait_s``)
-        expect its callers back.  ``replied_ns``: the wall clock just before its replies left, when
-        known; requests enqueued earlier were not sent in answer to them."""
-        if self._last_done:
-            gap = now - self._last_done
-            if gap > 0:
-                self._done_rows = 0.9 * self._done_rows + 0.1 * rows if self._done_gap else rows
-                self._done_gap = 0.9 * self._done_gap + 0.1 * gap if self._done_gap else gap
-                self.drain_rate = self._done_rows / self._done_gap
-        self._last_done = now
-        if self.return_wait_s > 0:
-            if now > self._owed_until:
-                self._owed = 0
-            self._owed += rows
-            self._owed_until = now + self.return_wait_s
-            self._owed_after_ns = replied_ns
+        return max(self.traffic.drain_rate, one_worker)
 
     def _place(self, req: Request, *, front: bool) -> None:
         req.token = next(self._tokens)
@@ -438,21 +373,22 @@ class ModelScheduler:
         gateways hold more calls than are queued here (a lone call still leaves at once).  Never
         so long that the most urgent request would have to be rejected instead.  With
         ``return_wait_s``, at least until the callers of the last batch are back (or that wait is
-        over), while they and the queue fill at most half a batch."""
+        over), while they and the queue fill at most a quarter of a batch."""
         if self.window_s is not None or not self.live:
             return 0.0
         oldest = self._fifo[0][1].arrived
-        if self.gather_s > 0 and (self.rate * self.gather_s >= GATHER_ARRIVALS
-                                  or (not self.just_in_time and self._more_coming(oldest))):
+        traffic = self.traffic
+        if self.gather_s > 0 and (traffic.rate * self.gather_s >= GATHER_ARRIVALS
+                                  or (not self.just_in_time and traffic.more_coming(oldest, self.live))):
             # Under load, the window alone, as a fixed window: holding for a busy worker on top
             # would leave its stream empty when it frees up (no next batch ready), and near
             # saturation that idle gap cost more than the bigger batch saved.
             hold = self.gather_s
         else:
             hold = release_at - oldest
-        if self._owed and 2 * (self._owed + self.live_rows) <= self._full_at:
+        if traffic.owed and 4 * (traffic.owed + self.live_rows) <= self._full_at:
             # A small cohort is on its way back: one model call for all of it (see the module doc).
-            hold = max(hold, self._owed_until - oldest)
+            hold = max(hold, traffic.owed_until - oldest)
         urgent = self.next_check()
         if urgent is not None:
             hold = min(hold, urgent - oldest)

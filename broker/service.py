@@ -32,7 +32,7 @@ import itertools
 import logging
 import time
 
-from broker import keys, scripts
+from broker import cpu_load, keys, scripts
 from broker.dispatch import Dispatcher
 from broker.handoff import Acks, HandedBatch, Handoff, Settled, Settling, ack_commands
 from broker.liveness import LiveWorkers
@@ -85,6 +85,8 @@ class Broker:
             metrics.LIVE_WORKERS.labels(name).set_function(functools.partial(_live, self.live, name))
         self.tracing = Tracing("ferry-broker", settings.otlp_endpoint, settings.trace_sample_ratio, settings.broker_id)
         self._model_list = list(self._models.values())
+        # Off until the CPUs are seen saturated (cpu_load.watch), unless asked for always.
+        self._return_wait(settings.return_wait_always)
         self.dispatch = Dispatcher(settings, self._models, self._pools, self._writes, self.live, self.tracing,
                                    handoff, IDLE_BLOCK_MS / 1000)
         self._tasks: list[asyncio.Task[None]] = []
@@ -111,6 +113,9 @@ class Broker:
             asyncio.create_task(self._listener(), name="listener"),
             asyncio.create_task(self._reclaimer(), name="reclaimer"),
         ]
+        if self.settings.return_wait_us and not self.settings.return_wait_always:
+            self._tasks.append(asyncio.create_task(cpu_load.watch(cpu_load.CpuLoad(), self._return_wait),
+                                                   name="cpu-watch"))
         try:
             await self._reader()
         finally:
@@ -205,7 +210,7 @@ class Broker:
                     model.done.append(Entry(entry_id, 0, 0))
                     continue
                 g = parse_group(fields)
-                model.sched.note_holding(g.gateway, g.holding, now)
+                model.sched.traffic.note_holding(g.gateway, g.holding, now)
                 add = model.sched.add
                 for req in group_requests(g, entry_id, now, wall, levels, taken_over=taken_over):
                     add(req, ahead)
@@ -245,6 +250,12 @@ class Broker:
                 log.exception("reclaiming dead brokers' requests failed; trying again")
             passes += 1
             await asyncio.sleep(RECLAIM_S)
+
+    def _return_wait(self, active: bool) -> None:
+        """Hold for returning callers (return_wait_us) or not: cpu_load.watch decides."""
+        for model in self._model_list:
+            model.sched.traffic.return_wait_active = active
+        metrics.RETURN_WAIT_ACTIVE.set(1 if active and self.settings.return_wait_us else 0)
 
     async def _sample_pools(self) -> None:
         """Backlog and oldest entry's age of every pool stream, for the metrics."""
@@ -298,7 +309,7 @@ class Broker:
         sent = [t for i in ids if (t := pool.finished(i, now)) is not None]
         lat = model.latency_on(pool.name) if model is not None else None
         if model is not None and lat is not None and rows > 0:
-            model.sched.observe_done(rows, now, replied_ns)
+            model.sched.traffic.finished(rows, now, replied_ns)
             compute = compute_ns / 1e9
             lat.observe(rows, compute)
             if sent:

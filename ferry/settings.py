@@ -194,11 +194,16 @@ class BrokerSettings(CommonSettings):
         "every early batch takes the core from the gateway (docs/scheduling.md)"
     )
     return_wait_us: int = knob(
-        0, "with batch_window=adaptive, after a batch's replies go out, a partial batch waits up to this long "
+        2500, "with batch_window=adaptive, after a batch's replies go out, a partial batch waits up to this long "
         "for as many new requests as that batch answered (closed-loop clients send their next call as soon as "
-        "they have a reply), while those and the queue fill at most half a batch: fewer, bigger model calls "
-        "at low concurrency; open-loop traffic may wait this long for callers who are not coming back. "
-        "0: off (docs/scheduling.md)"
+        "they have a reply), while those and the queue fill at most a quarter of a batch: fewer, bigger model calls. "
+        "Applied only while the CPUs the broker may run on are saturated (see return_wait_always); 0: off "
+        "(docs/scheduling.md)"
+    )
+    return_wait_always: bool = knob(
+        False, "apply return_wait_us even while the broker's CPUs have idle time (by default it starts holding once "
+        "they idled at most 5 percent of a second and stops once they idle more than 10: with idle CPU the "
+        "wait buys nothing, and open-loop callers may not be coming back; docs/scheduling.md)"
     )
     pool_depth: int = knob(
         2, "batches per live worker a pool's stream may hold (one running, the next ready); the rest "

@@ -259,12 +259,12 @@ def test_adaptive_gathers_for_a_free_worker_only_when_arrivals_are_frequent() ->
     slow = ModelScheduler("m", max_batch_size=32, gather_s=0.002, latency=_fixed(0.0, 0.001))
     for i in range(20):  # 100/s: 0.2 expected within the 2 ms gather window
         slow.add(_request(i, 1, i * 0.010))
-    assert slow.rate == pytest.approx(100)
+    assert slow.traffic.rate == pytest.approx(100)
     assert slow.hold_for(-math.inf) == 0.0  # a free worker gets the batch at once
     busy = ModelScheduler("m", max_batch_size=32, gather_s=0.002, latency=_fixed(0.0, 0.001))
     for i in range(20):  # 5,000/s, arriving in reads of 5 every millisecond: 10 expected
         busy.add(_request(i, 1, (i // 5) * 0.001))
-    assert busy.rate == pytest.approx(5000)
+    assert busy.traffic.rate == pytest.approx(5000)
     assert busy.hold_for(-math.inf) == pytest.approx(0.002)
     assert busy.hold_for(0.010) == pytest.approx(0.002)  # under load the window alone, busy worker or not
     off = ModelScheduler("m", max_batch_size=32, gather_s=0.0, latency=_fixed(0.0, 0.001))
@@ -276,20 +276,20 @@ def test_without_just_in_time_a_slow_trickle_gathers_while_the_gateways_hold_mor
     """All processes on one core: an idle worker is no sign of a free core, so a partial batch
     waits for the calls the gateways hold; a lone call, with nothing to wait for, leaves at once."""
     s = ModelScheduler("m", max_batch_size=32, gather_s=0.002, just_in_time=False, latency=_fixed(0.0, 0.001))
-    s.note_holding("gw", 1, 0.0)
+    s.traffic.note_holding("gw", 1, 0.0)
     s.add(_request(0, 1, 0.0))  # 1 call held, 1 queued: nobody else exists
     assert s.hold_for(-math.inf) == 0.0
-    s.note_holding("gw", 4, 0.010)  # the gateway now holds 4 calls, 1 of them queued here
+    s.traffic.note_holding("gw", 4, 0.010)  # the gateway now holds 4 calls, 1 of them queued here
     assert s.hold_for(-math.inf) == pytest.approx(0.002)
-    s.note_holding("other", 3, 0.010)
-    s.note_holding("gw", 0, 0.011)  # 0: this gateway stopped saying
+    s.traffic.note_holding("other", 3, 0.010)
+    s.traffic.note_holding("gw", 0, 0.011)  # 0: this gateway stopped saying
     assert s.hold_for(-math.inf) == pytest.approx(0.002)  # the other gateway's 3 calls still count
     s.take(0.5, drain=True)
     s.add(_request(1, 1, 2.0))  # more than HOLDING_MEMORY_S later: the counts are stale
     assert s.hold_for(-math.inf) == 0.0
     # With just-in-time (the default) the counts change nothing.
     j = ModelScheduler("m", max_batch_size=32, gather_s=0.002, latency=_fixed(0.0, 0.001))
-    j.note_holding("gw", 10, 0.0)
+    j.traffic.note_holding("gw", 10, 0.0)
     j.add(_request(0, 1, 0.0))
     assert j.hold_for(-math.inf) == 0.0
 
@@ -306,7 +306,7 @@ def test_return_wait_holds_a_small_batch_for_the_callers_just_answered() -> None
     s = ModelScheduler("m", max_batch_size=32, return_wait_s=0.0025, latency=_fixed(0.0, 0.001))
     for i in range(4):  # queued while the last batch ran: sent before its replies left
         s.add(_sent_at(i, 1.0, enqueued_ns=100))
-    s.observe_done(4, 1.001, replied_ns=200)  # that batch answered 4 callers
+    s.traffic.finished(4, 1.001, replied_ns=200)  # that batch answered 4 callers
     hold = s.hold_for(-math.inf)
     assert hold == pytest.approx(0.0035)  # from the oldest arrival (1.0) to 2.5 ms after the replies
     assert s.take(1.002, hold_s=hold) == []
@@ -319,36 +319,38 @@ def test_return_wait_holds_a_small_batch_for_the_callers_just_answered() -> None
 
 def test_return_wait_ends_and_ignores_requests_sent_before_the_replies() -> None:
     s = ModelScheduler("m", max_batch_size=32, return_wait_s=0.0025, latency=_fixed(0.0, 0.001))
-    s.observe_done(2, 1.0, replied_ns=1_000)
+    s.traffic.finished(2, 1.0, replied_ns=1_000)
     s.add(_sent_at(0, 1.0001, enqueued_ns=999))  # read after the replies, sent before them
     s.add(_sent_at(1, 1.0001, enqueued_ns=999))
     hold = s.hold_for(-math.inf)
     assert hold == pytest.approx(0.0024)  # still owed 2: it waits until 2.5 ms after the replies
     assert s.take(1.0024, hold_s=hold) == []
     assert len(s.take(1.0025, hold_s=hold)) == 2  # the callers did not come back: the wait is over
-    s.observe_done(2, 1.0030, replied_ns=2_000)
+    s.traffic.finished(2, 1.0030, replied_ns=2_000)
     s.add(_sent_at(2, 1.0200, enqueued_ns=3_000))  # after the wait: a new debt is not this one
     assert s.hold_for(-math.inf) == 0.0
 
 
 def test_return_wait_leaves_big_cohorts_and_the_default_alone() -> None:
-    """A cohort over half a batch keeps two batches in turn, one computing while the other's callers
-    come back; without return_wait_s (the default) nothing waits at all."""
+    """A cohort over a quarter of a batch keeps two batches in turn, one computing while the other's
+    callers come back; without return_wait_s (the scheduler's default) nothing waits at all."""
     s = ModelScheduler("m", max_batch_size=32, return_wait_s=0.0025, latency=_fixed(0.0, 0.001))
-    for i in range(9):
+    for i in range(4):
         s.add(_sent_at(i, 1.0, enqueued_ns=100))
-    s.observe_done(8, 1.001, replied_ns=200)  # 8 owed + 9 queued: over half of 32
-    assert s.hold_for(-math.inf) == 0.0
+    s.traffic.finished(4, 1.001, replied_ns=200)
+    assert s.hold_for(-math.inf) > 0  # 4 owed + 4 queued: a quarter of 32, held
+    s.add(_sent_at(4, 1.0, enqueued_ns=100))
+    assert s.hold_for(-math.inf) == 0.0  # 4 owed + 5 queued: over a quarter
     d = ModelScheduler("m", max_batch_size=32, latency=_fixed(0.0, 0.001))
     d.add(_sent_at(0, 1.0, enqueued_ns=100))
-    d.observe_done(4, 1.001, replied_ns=200)
+    d.traffic.finished(4, 1.001, replied_ns=200)
     assert d.hold_for(-math.inf) == 0.0
 
 
 def test_a_request_behind_a_queue_it_cannot_outwait_is_rejected_on_arrival() -> None:
     s = ModelScheduler("m", max_batch_size=4, latency=_fixed(0.0025, 0.0))  # 4 rows in 10 ms
     for t in range(1, 11):  # and it drains 4 rows every 10 ms: 400 rows/s
-        s.observe_done(4, t * 0.010)
+        s.traffic.finished(4, t * 0.010)
     for i in range(40):  # 40 rows queued: about 100 ms of work
         s.add(_request(i, 1, 0.1))
     s.add(_request(40, 1, 0.1, deadline=0.15))  # 50 ms to live: cannot outwait the queue
@@ -363,7 +365,7 @@ def test_below_saturation_the_models_own_speed_bounds_the_wait() -> None:
     # 1,000 rows/s, so a short deadline behind one queued row is still admitted.
     s = ModelScheduler("m", max_batch_size=4, latency=_fixed(0.001, 0.0))
     for t in range(1, 6):
-        s.observe_done(1, t * 0.1)
+        s.traffic.finished(1, t * 0.1)
     s.add(_request(0, 1, 0.5))
     s.add(_request(1, 1, 0.5, deadline=0.51))
     assert s.expire(0.5) == []
@@ -409,3 +411,29 @@ def test_a_level_filled_into_a_batch_is_not_counted_as_skipped() -> None:
     s.add(_request(5, 1, 0.0, level=0))
     s.add(_request(6, 1, 0.0, level=2))
     assert [r.level for r in s.take(0.0)] == [0, 2]
+
+
+def test_return_wait_is_off_while_the_broker_says_the_cpus_are_not_saturated() -> None:
+    """The broker clears ``return_wait_active`` while its CPUs have idle time (broker.cpu_load):
+    then a finished batch leaves no callers owed and nothing waits for them."""
+    s = ModelScheduler("m", max_batch_size=32, return_wait_s=0.0025, latency=_fixed(0.0, 0.001))
+    s.traffic.return_wait_active = False
+    s.add(_sent_at(0, 1.0, enqueued_ns=100))
+    s.traffic.finished(4, 1.001, replied_ns=200)
+    assert s.hold_for(-math.inf) == 0.0
+    s.traffic.return_wait_active = True
+    s.traffic.finished(4, 1.002, replied_ns=300)
+    assert s.hold_for(-math.inf) == pytest.approx(0.0045)  # from the oldest arrival to 2.5 ms after
+
+
+def test_return_wait_counts_callers_of_an_earlier_batch_still_on_their_way() -> None:
+    """Two batches finish before the first one's callers are back: those callers, sent after the
+    first replies but before the second's, pay the debt as much as the second batch's callers."""
+    s = ModelScheduler("m", max_batch_size=32, return_wait_s=0.0025, latency=_fixed(0.0, 0.001))
+    s.traffic.finished(2, 1.000, replied_ns=100)
+    s.traffic.finished(2, 1.001, replied_ns=200)
+    for i, sent in enumerate((150, 160, 250)):
+        s.add(_sent_at(i, 1.0015, enqueued_ns=sent))
+    assert s.hold_for(-math.inf) > 0  # one caller still owed
+    s.add(_sent_at(3, 1.0016, enqueued_ns=260))
+    assert s.hold_for(-math.inf) == 0.0  # all four back: the batch leaves
