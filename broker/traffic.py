@@ -76,8 +76,9 @@ class Traffic:
 
     def finished(self, rows: int, now: float, replied_ns: int = 0) -> None:
         """A batch of this model finished: track how fast queued rows drain, and (``return_wait_s``)
-        expect its callers back.  ``replied_ns``: the wall clock just before its replies left, when
-        known; requests enqueued earlier were not sent in answer to them."""
+        expect its callers back.  ``replied_ns``: the wall clock just before its replies left (0:
+        unknown, and then nobody is expected); requests enqueued earlier were not sent in answer
+        to them."""
         if self._last_done:
             gap = now - self._last_done
             if gap > 0:
@@ -85,7 +86,10 @@ class Traffic:
                 self._done_gap = 0.9 * self._done_gap + 0.1 * gap if self._done_gap else gap
                 self.drain_rate = self._done_rows / self._done_gap
         self._last_done = now
-        if self.return_wait_s > 0 and self.return_wait_active:
+        if self.return_wait_s > 0 and self.return_wait_active and replied_ns:
+            # Only a worker in the broker's process says when its replies left (broker.handoff);
+            # a stream worker's done notice comes after them, so requests already on their way
+            # would pass for returning callers.
             if now > self.owed_until:
                 self.owed = 0
             if not self.owed:

@@ -437,3 +437,14 @@ def test_return_wait_counts_callers_of_an_earlier_batch_still_on_their_way() -> 
     assert s.hold_for(-math.inf) > 0  # one caller still owed
     s.add(_sent_at(3, 1.0016, enqueued_ns=260))
     assert s.hold_for(-math.inf) == 0.0  # all four back: the batch leaves
+
+
+def test_return_wait_expects_nobody_when_the_reply_time_is_unknown() -> None:
+    """A stream worker's done notice arrives after its replies and says nothing of when they left
+    (replied_ns 0): requests already on their way would pass for returning callers, so no wait."""
+    s = ModelScheduler("m", max_batch_size=32, return_wait_s=0.0025, latency=_fixed(0.0, 0.001))
+    s.add(_sent_at(0, 1.0, enqueued_ns=100))
+    s.traffic.finished(4, 1.001)
+    assert s.hold_for(-math.inf) == 0.0
+    s.traffic.finished(4, 1.002, replied_ns=300)
+    assert s.hold_for(-math.inf) > 0
