@@ -5,7 +5,7 @@ little waiting for fewer model calls.  That pays only when the CPU is the bottle
 broker, its worker, the edge and Redis share saturated cores, the time the worker waits goes to
 the return trip of the other requests, and every batch saved is CPU saved for requests.  With idle
 CPU it buys nothing: the worker's core would sit idle while it waits (measured on 2 unpinned cores
-at 8 and 16 concurrent callers: 8-11% fewer requests/s, docs/scheduling.md), and light open-loop
+at 8 and 16 concurrent callers: 8-12% fewer requests/s, docs/scheduling.md), and light open-loop
 traffic would wait for callers who are not coming back.  So the broker starts holding once the
 CPUs in its affinity mask were busy for all but ``BUSY_IDLE`` of the last sample, and stops once
 they idled more than ``STILL_BUSY_IDLE``.

@@ -42,7 +42,8 @@ early one-request batch costs the core a round of every process (Ferry pinned
 to one core ran at about 700/s just in time and 1,000/s gathering).  A lone
 call still leaves at once: nothing exists that could join it.  With
 ``return_wait_s`` (the broker's return_wait_us, applied only while the
-broker's CPUs are saturated: broker.cpu_load), after a batch's replies go out a partial
+broker's CPUs are saturated, broker.cpu_load, and to batches whose reply time is
+known: its own worker's), after a batch's replies go out a partial
 batch also waits, up to that long, for as many new requests as the batch
 answered -- closed-loop clients send their next call as soon as they have a
 reply -- while that cohort and the queue together fill at most a quarter of a
