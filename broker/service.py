@@ -113,7 +113,8 @@ class Broker:
             asyncio.create_task(self._listener(), name="listener"),
             asyncio.create_task(self._reclaimer(), name="reclaimer"),
         ]
-        if self.settings.return_wait_us and not self.settings.return_wait_always:
+        if self.settings.return_wait_us and self.handoff is not None and not self.settings.return_wait_always:
+            # Only its own worker's batches can wait (scheduler.traffic): without one, nothing to gate.
             self._tasks.append(asyncio.create_task(cpu_load.watch(cpu_load.CpuLoad(), self._return_wait),
                                                    name="cpu-watch"))
         try:
@@ -255,7 +256,8 @@ class Broker:
         """Hold for returning callers (return_wait_us) or not: cpu_load.watch decides."""
         for model in self._model_list:
             model.sched.traffic.return_wait_active = active
-        metrics.RETURN_WAIT_ACTIVE.set(1 if active and self.settings.return_wait_us else 0)
+        holds = active and self.settings.return_wait_us and self.handoff is not None
+        metrics.RETURN_WAIT_ACTIVE.set(1 if holds else 0)
 
     async def _sample_pools(self) -> None:
         """Backlog and oldest entry's age of every pool stream, for the metrics."""

@@ -139,8 +139,8 @@ BACKLOG = Gauge("ferry_pool_backlog", "Batch entries on a pool's stream (waiting
 OLDEST_AGE = Gauge("ferry_pool_oldest_batch_age_seconds", "Age of the oldest batch entry on a pool's stream",
                    ["pool"])
 LIVE_WORKERS = Gauge("ferry_live_workers", "Workers with a live heartbeat, by pool", ["pool"])
-RETURN_WAIT_ACTIVE = Gauge("ferry_broker_return_wait_active", "1 while this broker holds small batches for the "
-                           "callers just answered (return_wait_us: its CPUs are saturated), else 0")
+RETURN_WAIT_ACTIVE = Gauge("ferry_broker_return_wait_active", "1 while this broker holds its own worker's small "
+                           "batches for the callers just answered (return_wait_us: its CPUs are saturated), else 0")
 
 # --- worker ------------------------------------------------------------------------------------
 
