@@ -274,6 +274,12 @@ class WorkerSettings(CommonSettings):
         False, "run the model on a thread of its own instead of the event loop: costs a thread hand-off "
         "per batch, but keeps heartbeats on time when one batch takes longer than about a second"
     )
+    yield_after_replies: bool = knob(
+        True, "after writing a batch's replies, give up the CPU once (sched_yield) before the batch's "
+        "bookkeeping and the next batch, so that Redis and the gateway, where they share this worker's core, "
+        "pass the replies on first; costs nothing where no other process waits for the core "
+        "(docs/architecture.md)"
+    )
     max_attempts: int = knob(
         3, "a request that was running every time a worker died this many times is dead-lettered with "
         "INTERNAL instead of retried (a batch is split in halves after 2 deaths, to isolate it); see "
