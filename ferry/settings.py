@@ -194,7 +194,7 @@ class BrokerSettings(CommonSettings):
         "every early batch takes the core from the gateway (docs/scheduling.md)"
     )
     return_wait_us: int = knob(
-        2500, "with batch_window=adaptive, after a batch's replies go out, a partial batch waits up to this long "
+        4000, "with batch_window=adaptive, after a batch's replies go out, a partial batch waits up to this long "
         "for as many new requests as that batch answered (closed-loop clients send their next call as soon as "
         "they have a reply), while those and the queue fill at most a quarter of a batch: fewer, bigger model calls. "
         "Applies to the batches of the broker's own worker (colocated_worker: only it says when its replies "
