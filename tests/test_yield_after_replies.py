@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -49,19 +50,14 @@ def _traced_yields(c: Cluster, role: str, tmp_path: Path) -> int:
     return out.read_text().count("sched_yield(")
 
 
-def test_a_colocated_worker_yields_once_per_batch(repo: Path, tmp_path: Path) -> None:
-    c = Cluster(repo, tmp_path, workers=0, broker_args=("--colocated-worker",))
+@pytest.mark.parametrize(("role", "cluster_args"), [
+    ("broker", {"workers": 0, "broker_args": ("--colocated-worker",)}),  # `ferry up --edge` on a small host
+    ("worker", {"workers": 1}),  # a worker on a pool stream
+], ids=["colocated", "stream"])
+def test_a_worker_yields_once_per_batch(repo: Path, tmp_path: Path, role: str, cluster_args: dict[str, Any]) -> None:
+    c = Cluster(repo, tmp_path, **cluster_args)
     try:
-        assert _traced_yields(c, "broker", tmp_path) >= CALLS, c.logs()
-        c.stop_cleanly()
-    finally:
-        c.close()
-
-
-def test_a_stream_worker_yields_once_per_batch(repo: Path, tmp_path: Path) -> None:
-    c = Cluster(repo, tmp_path, workers=1)
-    try:
-        assert _traced_yields(c, "worker", tmp_path) >= CALLS, c.logs()
+        assert _traced_yields(c, role, tmp_path) >= CALLS, c.logs()
         c.stop_cleanly()
     finally:
         c.close()
