@@ -43,7 +43,7 @@ from broker.liveness import LiveWorkers
 from broker.messages import Member, Stat, batch_fields, encode_reply
 from broker.pool_loss import PoolLoss
 from broker.pools import Choice, Pool, fastest, route
-from broker.scheduler import Rejection, Request
+from broker.requests import Rejection, Request
 from broker.served import Served, release, wall_ns
 from ferry import metrics
 from ferry.errors import Code

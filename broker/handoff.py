@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from broker.messages import Member
-from broker.scheduler import Entry, Request
+from broker.requests import Entry, Request
 
 HANDED = b"handed-"  # prefix of a handed batch's id in Pool.unfinished
 

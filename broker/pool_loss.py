@@ -24,7 +24,7 @@ from broker import keys, scripts
 from broker.handoff import Settling
 from broker.messages import encode_reply, parse_batch
 from broker.pools import Pool, route
-from broker.scheduler import Rejection
+from broker.requests import Rejection
 from broker.served import Served, release
 from ferry.errors import Code
 from ferry.resp import DataClient, range_entries

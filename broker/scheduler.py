@@ -65,10 +65,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from broker.latency import LatencyModel
+from broker.requests import DROPPED, QUEUED, TAKEN, Rejection, Request
 from broker.traffic import Traffic
-from ferry.errors import Code
-
-QUEUED, TAKEN, DROPPED = 0, 1, 2
 
 # An adaptive batch waits its gather window for an idle worker only when at least this many
 # more requests are expected within it: at lower rates nobody waits for nothing.
@@ -77,48 +75,6 @@ GATHER_ARRIVALS = 2.0
 # (deadline - expected) and the test (now + expected >= deadline) round differently in floating
 # point; with no margin a request could sit queued one ulp past hopeless (a property test found it).
 HOPELESS_MARGIN_S = 1e-9
-
-
-@dataclass(slots=True, eq=False)
-class Entry:
-    """One request-stream entry: acknowledged once every request it carried has left the queue."""
-
-    entry_id: bytes
-    count: int  # requests it carried (what the model's queue counter holds for it)
-    remaining: int  # of them not yet handled
-    # Unconfirmed writes that handled some of them, and how many of those are a colocated worker's
-    # replies (broker.handoff.Settling); whether its acknowledgement is written or on its way.
-    settling: int = 0
-    settling_replies: int = 0
-    acked: bool = False
-
-
-@dataclass(slots=True, eq=False)
-class Request:
-    entry: Entry
-    gateway: str
-    corr: int
-    rows: int
-    enqueued_ns: int  # wall clock, set by the gateway
-    arrived: float  # monotonic, when the broker read it
-    deadline: float  # monotonic; math.inf for none
-    timeout_at: float  # monotonic end of its queue timeout; math.inf for none
-    level: int  # 0 = highest priority
-    shape: str
-    payload: bytes = b""
-    state: int = QUEUED
-    delayed: bool = False
-    doomed: float = 0.0  # > 0: the queue ahead needs this long, past its deadline: reject at once
-    token: int = 0  # changes whenever it is (re)placed: older copies in deques and heaps are stale
-    trace: str = ""  # W3C traceparent of its request span ('' = not traced)
-    taken_over: bool = False  # claimed from a dead broker or taken back: never handed in-process
-
-
-@dataclass(slots=True)
-class Rejection:
-    request: Request
-    message: str
-    code: int = Code.DEADLINE_EXCEEDED
 
 
 Slot = tuple[int, Request]  # (token when placed, request)

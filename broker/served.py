@@ -18,7 +18,8 @@ from broker.handoff import Settling
 from broker.latency import LatencyModel
 from broker.messages import GROUP_STRIDE, Group
 from broker.pools import Pool
-from broker.scheduler import QUEUED, Entry, ModelScheduler, Request
+from broker.requests import QUEUED, Entry, Request
+from broker.scheduler import ModelScheduler
 from ferry.repository import ModelVersion, Repository
 from ferry.settings import BrokerSettings
 

@@ -47,7 +47,7 @@ from broker.reclaim import (
     forget_dead_consumers,
     live_members,
 )
-from broker.scheduler import Entry
+from broker.requests import Entry
 from broker.served import Served, group_requests, release, serve
 from ferry import metrics
 from ferry.lifecycle import cancel_all

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from broker.handoff import Settling, ack_commands
-from broker.scheduler import Entry, Request
+from broker.requests import Entry, Request
 
 
 @dataclass(eq=False)

@@ -14,7 +14,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from broker.latency import LatencyModel, worker_free_at
-from broker.scheduler import QUEUED, Entry, ModelScheduler, Request
+from broker.requests import QUEUED, Entry, Request
+from broker.scheduler import ModelScheduler
 
 
 def _request(i: int, rows: int, now: float, *, level: int = 0, shape: str = "", deadline: float = math.inf,
