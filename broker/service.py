@@ -85,6 +85,8 @@ class Broker:
             metrics.LIVE_WORKERS.labels(name).set_function(functools.partial(_live, self.live, name))
         self.tracing = Tracing("ferry-broker", settings.otlp_endpoint, settings.trace_sample_ratio, settings.broker_id)
         self._model_list = list(self._models.values())
+        # Only its own worker's batches can wait (scheduler.traffic): without one there is nothing to hold.
+        self._can_hold = bool(settings.return_wait_us) and handoff is not None
         # Off until the CPUs are seen saturated (cpu_load.watch), unless asked for always.
         self._return_wait(settings.return_wait_always)
         self.dispatch = Dispatcher(settings, self._models, self._pools, self._writes, self.live, self.tracing,
@@ -113,8 +115,7 @@ class Broker:
             asyncio.create_task(self._listener(), name="listener"),
             asyncio.create_task(self._reclaimer(), name="reclaimer"),
         ]
-        if self.settings.return_wait_us and self.handoff is not None and not self.settings.return_wait_always:
-            # Only its own worker's batches can wait (scheduler.traffic): without one, nothing to gate.
+        if self._can_hold and not self.settings.return_wait_always:
             self._tasks.append(asyncio.create_task(cpu_load.watch(cpu_load.CpuLoad(), self._return_wait),
                                                    name="cpu-watch"))
         try:
@@ -256,8 +257,7 @@ class Broker:
         """Hold for returning callers (return_wait_us) or not: cpu_load.watch decides."""
         for model in self._model_list:
             model.sched.traffic.return_wait_active = active
-        holds = active and self.settings.return_wait_us and self.handoff is not None
-        metrics.RETURN_WAIT_ACTIVE.set(1 if holds else 0)
+        metrics.RETURN_WAIT_ACTIVE.set(1 if active and self._can_hold else 0)
 
     async def _sample_pools(self) -> None:
         """Backlog and oldest entry's age of every pool stream, for the metrics."""
