@@ -210,7 +210,7 @@ class Worker:
         first = claimed[0]
         ids = [c.entry_id for c in claimed]
         members: list[Member] = [m for c in claimed for m in c.members]
-        result, elapsed = await self._compute_batch(first.model, first.version, members)
+        result, elapsed, ended = await self._compute_batch(first.model, first.version, members)
         # Rows 0 (nothing ran): the notice only frees room in the pool; the broker learns nothing from it.
         took = elapsed if result.rows_run else 0
         commands = self._reply_commands(ids, result)
@@ -220,7 +220,7 @@ class Worker:
         # only waits for Redis to confirm them (and retries if it did not).
         sent = self._writes.send_now(commands)
         self._give_way()
-        self._account(first.model, first.version, members, result, elapsed, first.trace, len(claimed))
+        self._account(first.model, first.version, members, result, elapsed, ended, first.trace, len(claimed))
         await self._outbox.put((commands, sent, ids, None))
 
     async def _run_handed(self, handoff: Handoff) -> None:
@@ -229,7 +229,7 @@ class Worker:
         while True:
             batch = await handoff.take()
             try:
-                result, elapsed = await self._compute_batch(batch.model, batch.version, batch.members)
+                result, elapsed, ended = await self._compute_batch(batch.model, batch.version, batch.members)
                 settled = handoff.finish(batch)
                 commands = scripts.push_reply_commands(result.replies) + settled.commands
                 self._outbox.put_nowait((commands, self._writes.send_now(commands), [], settled))
@@ -237,7 +237,7 @@ class Worker:
                 # The client waits for the replies, not for this: room in the pool, the latency the
                 # broker learns, statistics.
                 handoff.ran(batch, result.rows_run, elapsed if result.rows_run else 0)
-                self._account(batch.model, batch.version, batch.members, result, elapsed, batch.trace, 1)
+                self._account(batch.model, batch.version, batch.members, result, elapsed, ended, batch.trace, 1)
             except Exception as exc:
                 # A bug (the model's own errors are replies): like a crash on the stream path, the
                 # process stops; the batch's requests stay pending and another broker takes them over.
@@ -255,8 +255,10 @@ class Worker:
         if self.settings.yield_after_replies:
             os.sched_yield()
 
-    async def _compute_batch(self, model: str, version: int, members: list[Member]) -> tuple[BatchResult, int]:
-        """Run one batch: its result and how long it took (ns)."""
+    async def _compute_batch(self, model: str, version: int, members: list[Member]
+                             ) -> tuple[BatchResult, int, int]:
+        """Run one batch: its result, how long it took (ns) and when it ended (wall clock, ns: the
+        trace span's end, taken here because the replies leave before the span is recorded)."""
         runner = self.models.get((model, version))
         if self._fault and any(self._fault in m.payload for m in members):
             log.critical("fault injection: request id %r is in this batch; killing this worker",
@@ -271,16 +273,15 @@ class Worker:
             result = await asyncio.get_running_loop().run_in_executor(self._compute, runner.run, members)
         else:
             result = runner.run(members)
-        return result, time.perf_counter_ns() - started
+        return result, time.perf_counter_ns() - started, time.time_ns()
 
     def _account(self, model: str, version: int, members: list[Member], result: BatchResult, elapsed: int,
-                 trace: str, batches: int) -> None:
+                 ended: int, trace: str, batches: int) -> None:
         """A batch's statistics, trace span and metrics, once its replies are on their way."""
         self.batches_run += 1
         self._add_stats((model, version), result.stats)
         if self.tracing.enabled and trace:
-            end_ns = time.time_ns()
-            self.tracing.compute_span(trace, [m.trace for m in members], end_ns - elapsed, end_ns,
+            self.tracing.compute_span(trace, [m.trace for m in members], ended - elapsed, ended,
                                       {"ferry.model": model, "ferry.rows": result.rows_run,
                                        "ferry.pool": self.settings.pool, "ferry.batches": batches})
         if result.rows_run:
