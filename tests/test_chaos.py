@@ -46,7 +46,8 @@ def _chaos(tmp_path: Path, *args: str) -> tuple[dict[str, object], str]:
 
 @pytest.mark.timeout(180)
 def test_killed_processes_and_redis_restart_lose_nothing(tmp_path: Path) -> None:
-    result, stdout = _chaos(tmp_path, "--duration-s", "24", "--interval-s", "4")
+    # Faults at 4, 8, 12 and 16 s: one of each kind (a fault needs half an interval of load after it).
+    result, stdout = _chaos(tmp_path, "--duration-s", "19", "--interval-s", "4")
     injected = {what.split(",")[0].split()[1].split("-")[0] for _, what in result["faults"]}  # type: ignore[attr-defined]
     assert injected == {"worker", "broker", "gateway", "redis"}, result["faults"]
     assert result["ok"] > 500, stdout  # type: ignore[operator]
@@ -75,7 +76,7 @@ def _can_make_netns() -> bool:
 def test_cut_redis_link_loses_nothing(tmp_path: Path) -> None:
     # A cut shorter than redis_timeout_s (2 s) is ridden out; a longer one gives UNAVAILABLE.
     result, stdout = _chaos(tmp_path, "--netns", "--faults", "cut-link,kill-worker", "--cut-s", "1.5",
-                            "--duration-s", "16", "--interval-s", "5")
+                            "--duration-s", "13.5", "--interval-s", "5")
     assert any("link cut" in what for _, what in result["faults"]), stdout  # type: ignore[attr-defined]
     assert result["ok"] > 500, stdout  # type: ignore[operator]
 
