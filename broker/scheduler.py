@@ -46,7 +46,8 @@ broker's CPUs are saturated, broker.cpu_load, and to batches whose reply time is
 known: its own worker's), after a batch's replies go out a partial
 batch also waits, up to that long, for as many new requests as the batch
 answered -- closed-loop clients send their next call as soon as they have a
-reply -- while that cohort and the queue together fill at most a quarter of a
+reply; while they trickle back, each one gives the rest half that long again,
+up to twice it after the replies (broker.traffic) -- while that cohort and the queue together fill at most a quarter of a
 batch: small cohorts then run as one model call instead of several, and bigger
 ones keep two batches in turn (one computing while the other's callers come
 back; holding 16 callers to one batch of 32 lost throughput pinned to one core).

@@ -8,8 +8,9 @@ reads them to decide how long a partial batch may wait):
 - the calls each gateway **holds** waiting for replies, from its latest request group (what
   ``just_in_time = false`` gathers for);
 - the callers **owed** (``return_wait_s``): rows a finished batch answered whose callers have not
-  sent their next request yet, until when to expect them, and the reply time their requests come
-  after.
+  sent their next request yet, until when to expect them (``return_wait_s`` after the replies,
+  pushed to half of it after each caller that comes back, at most twice it after the replies), and
+  the reply time their requests come after.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class Traffic:
         self.return_wait_active = True
         self.owed = 0
         self.owed_until = 0.0
+        self._owed_cap = 0.0  # owed_until never moves past this (see ``arrive``)
         self._owed_after_ns = 0
         self._holding: dict[str, tuple[int, float]] = {}  # gateway -> (calls it holds, when it said so)
         self._last_arrival = 0.0
@@ -56,6 +58,13 @@ class Traffic:
         self._burst += 1
         if self.owed and enqueued_ns >= self._owed_after_ns:
             self.owed = max(0, self.owed - rows)
+            if self.owed:
+                # Callers that trickle back one by one (each a broker wake on a busy core, half a
+                # millisecond apart on a slow one) would otherwise outlast a wait counted from the
+                # replies alone, and the last few would wait a whole extra batch. While they keep
+                # coming, the rest get half the wait after each; never past twice it after the
+                # replies.
+                self.owed_until = min(self._owed_cap, max(self.owed_until, arrived + self.return_wait_s / 2))
 
     def note_holding(self, gateway: str, calls: int, now: float) -> None:
         """A gateway's latest count of the calls it holds waiting for replies (0: unknown)."""
@@ -98,3 +107,4 @@ class Traffic:
             # count as much as this one's: the debt keeps the earlier reply time.
             self.owed += rows
             self.owed_until = now + self.return_wait_s
+            self._owed_cap = now + 2 * self.return_wait_s

@@ -196,7 +196,8 @@ class BrokerSettings(CommonSettings):
     return_wait_us: int = knob(
         4000, "with batch_window=adaptive, after a batch's replies go out, a partial batch waits up to this long "
         "for as many new requests as that batch answered (closed-loop clients send their next call as soon as "
-        "they have a reply), while those and the queue fill at most a quarter of a batch: fewer, bigger model calls. "
+        "they have a reply; while they trickle back, half this long after each one, at most twice this after the "
+        "replies), while those and the queue fill at most a quarter of a batch: fewer, bigger model calls. "
         "Applies to the batches of the broker's own worker (colocated_worker: only it says when its replies "
         "left), and only while the CPUs the broker may run on are saturated (see return_wait_always); 0: off "
         "(docs/scheduling.md)"

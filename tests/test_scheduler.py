@@ -318,6 +318,24 @@ def test_return_wait_holds_a_small_batch_for_the_callers_just_answered() -> None
     assert len(s.take(1.002, hold_s=s.hold_for(-math.inf))) == 8
 
 
+def test_return_wait_follows_callers_that_trickle_back() -> None:
+    """Callers coming back one at a time each give the rest half the wait again, so the last of a
+    slow cohort still joins its batch (cut off at 2.5 ms, it would wait out a whole extra batch);
+    never past twice the wait after the replies."""
+    s = ModelScheduler("m", max_batch_size=32, return_wait_s=0.0025, latency=_fixed(0.0, 0.001))
+    s.traffic.finished(8, 1.000, replied_ns=100)
+    for i, at in enumerate((1.0015, 1.002, 1.0025, 1.003)):  # half a millisecond apart
+        s.add(_sent_at(i, at, enqueued_ns=200 + i))
+    hold = s.hold_for(-math.inf)
+    assert hold == pytest.approx(0.003 + 0.00125 - 0.0015)  # until 1.25 ms after the latest
+    assert s.take(1.0026, hold_s=hold) == []  # past 2.5 ms after the replies, still waiting
+    for i, at in enumerate((1.0035, 1.004, 1.0045), start=4):
+        s.add(_sent_at(i, at, enqueued_ns=300 + i))
+    assert s.hold_for(-math.inf) == pytest.approx(0.005 - 0.0015)  # capped at 5 ms after the replies
+    assert s.take(1.0049, hold_s=s.hold_for(-math.inf)) == []
+    assert len(s.take(1.005, hold_s=s.hold_for(-math.inf))) == 7  # the eighth never came
+
+
 def test_return_wait_ends_and_ignores_requests_sent_before_the_replies() -> None:
     s = ModelScheduler("m", max_batch_size=32, return_wait_s=0.0025, latency=_fixed(0.0, 0.001))
     s.traffic.finished(2, 1.0, replied_ns=1_000)
