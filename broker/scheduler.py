@@ -42,16 +42,17 @@ early one-request batch costs the core a round of every process (Ferry pinned
 to one core ran at about 700/s just in time and 1,000/s gathering).  A lone
 call still leaves at once: nothing exists that could join it.  With
 ``return_wait_s`` (the broker's return_wait_us, applied only while the
-broker's CPUs are saturated, broker.cpu_load, and to batches whose reply time is
-known: its own worker's), after a batch's replies go out a partial
-batch also waits, up to that long, for as many new requests as the batch
-answered -- closed-loop clients send their next call as soon as they have a
-reply; while they trickle back, each one gives the rest half that long again,
-up to twice it after the replies (broker.traffic) -- while that cohort and the queue together fill at most a quarter of a
-batch: small cohorts then run as one model call instead of several, and bigger
-ones keep two batches in turn (one computing while the other's callers come
-back; holding 16 callers to one batch of 32 lost throughput pinned to one core).
-Requests enqueued before the replies left do not count as returning.
+broker's CPUs are saturated, broker.cpu_load, and to batches whose reply time
+is known: its own worker's), after a batch's replies go out a partial batch
+also waits, up to that long, for as many new requests as the batch answered --
+closed-loop clients send their next call as soon as they have a reply; while
+they trickle back, each one gives the rest half that long again, up to twice
+it after the replies (broker.traffic) -- while that cohort and the queue
+together fill at most a quarter of a batch: small cohorts then run as one
+model call instead of several, and bigger ones keep two batches in turn (one
+computing while the other's callers come back; holding 16 callers to one batch
+of 32 lost throughput pinned to one core). Requests enqueued before the
+replies left do not count as returning.
 ``fixed`` (window W): as Triton's dynamic batcher, a partial batch waits
 until its oldest request has waited W (kept for reproducible comparisons).
 """
