@@ -54,6 +54,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.sweep import median_rows, perf_analyzer  # noqa: E402
 from ferry.cluster import free_port  # noqa: E402
+from ferry.example_model import LAYERS  # noqa: E402
 
 PEERS = ("ferry", "ferry-edge", "ferry-fixed", "triton", "mlserver", "rayserve", "plain")
 FERRY = ("ferry", "ferry-edge", "ferry-fixed")
@@ -117,7 +118,8 @@ def serve(peer: str, args: argparse.Namespace, cpu: int | None, onnx: Path, log_
         if peer in FERRY:
             from ferry.example_model import write_repository
 
-            repo = write_repository(work / "models")
+            # The same hidden width as the other peers' model (benchmarks/tail.py --hidden).
+            repo = write_repository(work / "models", hidden=getattr(args, "hidden", LAYERS[1]))
             cfg = repo / "mlp" / "config.pbtxt"
             cfg.write_text(cfg.read_text()
                            .replace("max_batch_size: 32", f"max_batch_size: {args.max_batch}")

@@ -19,6 +19,10 @@ prints what the summary percentiles hide:
 * **answer bursts**: answers less than 0.2 ms apart count as one burst (about one batch, as the
   client saw it), with their sizes.
 
+``--hidden 16`` serves every peer a narrow version of the example MLP (the same inputs and
+outputs, 18 KB of weights instead of 5.3 MB): what a server costs a call when the model neither
+takes time nor evicts the server's own code and data from the caches.
+
 Peers are benchmarks/headtohead.py's (``name[@checkout][,KEY=value...]``); the order alternates by
 round. ``--keep DIR`` keeps the exports (JSON, perf_analyzer's format) for a closer look.
 """
@@ -42,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.compare import EXTERNAL, pin, serve  # noqa: E402
 from benchmarks.headtohead import CLIENT_CPU, SERVER_CPU, Peer, parse_peer  # noqa: E402
 from benchmarks.sweep import perf_analyzer  # noqa: E402
+from ferry.example_model import LAYERS  # noqa: E402
 
 SLOW_CLUSTER_S = 0.005
 SILENCE_S = 0.002
@@ -99,6 +104,9 @@ def main() -> None:
     ap.add_argument("--interval-ms", type=int, default=4000, help="perf_analyzer's window")
     ap.add_argument("--windows", type=int, default=3, help="perf_analyzer windows per run")
     ap.add_argument("--keep", type=Path, default=None, help="keep the exports here")
+    ap.add_argument("--hidden", type=int, default=LAYERS[1],
+                    help="the example MLP's hidden width, every server (small: Python's and the servers' own "
+                    "cost without the model's 5 MB of weights evicting their caches)")
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--delay-us", type=int, default=2000)
     ap.add_argument("--start-timeout-s", type=float, default=180)
@@ -115,7 +123,7 @@ def main() -> None:
     keep = args.keep or log_dir
     keep.mkdir(parents=True, exist_ok=True)
     onnx = log_dir / "mlp.onnx"
-    onnx.write_bytes(build_onnx())
+    onnx.write_bytes(build_onnx(hidden=args.hidden))
     pa = perf_analyzer()
     print(f"{' / '.join(p.label for p in peers)}; pinned; exports and logs in {keep} / {log_dir}", flush=True)
     for level in levels:
