@@ -36,6 +36,7 @@ import argparse
 import contextlib
 import csv
 import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -377,6 +378,9 @@ def main() -> None:
     if "pinned" in modes and ((os.cpu_count() or 1) < 2 or not shutil.which("taskset")):
         ap.error("pinned mode needs 2 CPUs and taskset (util-linux)")
     levels = [int(x) for x in args.levels.split(",")]
+    if not args.no_plots and importlib.util.find_spec("matplotlib") is None:
+        # Found out before the run, not after half an hour of measuring.
+        ap.error("the plots need matplotlib: pip install -e '.[bench]', or pass --no-plots")
 
     if args.from_json:
         saved = json.loads(args.from_json.read_text())
