@@ -108,10 +108,12 @@ def stop(proc: subprocess.Popen[bytes], grace_s: float = 30) -> None:
 @contextlib.contextmanager
 def serve(peer: str, args: argparse.Namespace, cpu: int | None, onnx: Path, log_dir: Path, *,
           root: Path = ROOT, ferry_env: dict[str, str] | None = None,
-          started: list[subprocess.Popen[bytes]] | None = None) -> Iterator[str]:
+          started: list[subprocess.Popen[bytes]] | None = None, hidden: int = LAYERS[1]) -> Iterator[str]:
     """Start one peer (pinned to ``cpu`` if given) and yield its gRPC address once its model is ready.
     For benchmarks/headtohead.py: a Ferry peer can run from another checkout (``root``) with more
-    in its environment (``ferry_env``), and ``started`` gets the server's process."""
+    in its environment (``ferry_env``), and ``started`` gets the server's process. ``hidden``: the
+    example MLP's width for a Ferry peer, which writes its own repository; it must match ``onnx``,
+    what the other peers serve."""
     port = free_port()
     env = dict(os.environ)
     with tempfile.TemporaryDirectory(prefix=f"cmp-{peer}-") as tmp:
@@ -119,8 +121,7 @@ def serve(peer: str, args: argparse.Namespace, cpu: int | None, onnx: Path, log_
         if peer in FERRY:
             from ferry.example_model import write_repository
 
-            # The same hidden width as the other peers' model (benchmarks/tail.py --hidden).
-            repo = write_repository(work / "models", hidden=getattr(args, "hidden", LAYERS[1]))
+            repo = write_repository(work / "models", hidden=hidden)
             cfg = repo / "mlp" / "config.pbtxt"
             cfg.write_text(cfg.read_text()
                            .replace("max_batch_size: 32", f"max_batch_size: {args.max_batch}")

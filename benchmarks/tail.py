@@ -55,7 +55,8 @@ BURST_S = 0.0002
 
 def run_one(pa: str, peer: Peer, level: int, args: argparse.Namespace, log_dir: Path, onnx: Path,
             export: Path) -> None:
-    with serve(peer.name, args, SERVER_CPU, onnx, log_dir, root=peer.root, ferry_env=peer.env) as url:
+    with serve(peer.name, args, SERVER_CPU, onnx, log_dir, root=peer.root, ferry_env=peer.env,
+               hidden=args.hidden) as url:
         proc = subprocess.run(
             [*pin(CLIENT_CPU), pa, "-m", "mlp", "-u", url, "-i", "grpc", "--concurrency-range", f"{level}:{level}",
              "--measurement-interval", str(args.interval_ms), "--stability-percentage", "1000",
