@@ -422,11 +422,16 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, list[Row]]], l
     images = [] if args.no_plots else plots(results, args.img, tag)
     with open("/proc/cpuinfo") as f:
         cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), platform.machine())
+    # The command that measures what this section shows (a run of a few peers is not the default's).
+    again = " ".join([".venv/bin/python benchmarks/compare.py", f"--peers {','.join(peers)}",
+                      f"--modes {','.join(results)}", f"--repeat {run['repeat']}",
+                      *(["--interleave"] if run.get("interleave") == "True" else []),
+                      *(["--streaming"] if streaming else [])])
     section = "\n".join([
-        "## Side by side: Ferry, Triton, MLServer, Ray Serve"
+        f"## Side by side: {', '.join(peers)}"
         + (" — ModelStreamInfer (perf_analyzer --streaming)" if streaming else ""),
         "",
-        f"Regenerate with `.venv/bin/python benchmarks/compare.py{tag.replace('-', ' --')}` (about 25 minutes; "
+        f"Regenerate with `{again}` (every peer of PEERS without `--peers`, Ray Serve included; "
         "`--json F` keeps the run, "
         f"`--from-json F` redraws it). This run: {run.get('date') or time.strftime('%Y-%m-%d')}, "
         f"{os.cpu_count()} cores ({cpu}). Every server: the example MLP, "
