@@ -431,7 +431,8 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, list[Row]]], l
         f"## Side by side: {', '.join(peers)}"
         + (" — ModelStreamInfer (perf_analyzer --streaming)" if streaming else ""),
         "",
-        f"Regenerate with `{again}` (every peer of PEERS without `--peers`, Ray Serve included; "
+        f"Regenerate with `{again}` (without `--peers` it measures every peer, Ray Serve and the plain "
+        "server included; "
         "`--json F` keeps the run, "
         f"`--from-json F` redraws it). This run: {run.get('date') or time.strftime('%Y-%m-%d')}, "
         f"{os.cpu_count()} cores ({cpu}). Every server: the example MLP, "
