@@ -178,10 +178,12 @@ class Dispatcher:
         # Under light load (the last round trip carried fewer than FLUSH_MIN_GROUP
         # requests, or none was sent for a whole interval) a request leaves at once;
         # otherwise it waits at most one interval for others to share its round trip.
-        if self._last_group < FLUSH_MIN_GROUP or loop.time() - self._last_flush >= self._interval:
+        since = loop.time() - self._last_flush
+        if self._last_group < FLUSH_MIN_GROUP or since >= self._interval:
             self._ready.set()
         elif self._timer is None:
-            self._timer = loop.call_later(self._interval, self._ready.set)
+            # The rest of the interval, not a whole one from now: at most one round per interval.
+            self._timer = loop.call_later(self._interval - since, self._ready.set)
         timer = loop.call_later(timeout_s, _expire, fut, mv, timeout_s)
         try:
             return await fut

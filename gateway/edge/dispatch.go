@@ -185,10 +185,12 @@ func (d *dispatcher) submit(ctx context.Context, spec *modelSpec, rows int64, pa
 	d.pending[c.corr] = c
 	d.outbox = append(d.outbox, c)
 	interval := time.Duration(d.h.FlushIntervalUs) * time.Microsecond
-	if d.lastGroup < flushMinGroup || now.Sub(d.lastFlush) >= interval {
+	since := now.Sub(d.lastFlush)
+	if d.lastGroup < flushMinGroup || since >= interval {
 		d.signal()
 	} else if d.timer == nil {
-		d.timer = time.AfterFunc(interval, d.signal)
+		// The rest of the interval, not a whole one from now: at most one round per interval.
+		d.timer = time.AfterFunc(interval-since, d.signal)
 	}
 	d.mu.Unlock()
 
