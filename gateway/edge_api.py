@@ -83,7 +83,7 @@ class EdgeApi:
             "enqueue_sha": scripts.sha(scripts.ENQUEUE),
             "request_timeout_s": s.request_timeout_s,
             "max_inflight": s.max_inflight,
-            "flush_interval_us": s.flush_interval_us,
+            "flush_interval_us": s.flush_interval_edge_us,
             "max_group": dispatch.MAX_GROUP,
             "redis_timeout_s": s.redis_timeout_s,
             "max_message_bytes": s.max_message_bytes,

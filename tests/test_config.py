@@ -238,6 +238,7 @@ def test_cli_reports_config_errors_and_unknown_settings(tmp_path: Path) -> None:
     ({"grpc_port": "70000"}, "grpc_port"),
     ({"redis_url": "http://x"}, "redis_url"),
     ({"request_timeout_s": "soon"}, "request_timeout_s"),
+    ({"flush_interval_edge_us": "-1"}, "flush_interval_edge_us"),
 ])
 def test_settings_are_validated(flags: dict[str, str], needle: str) -> None:
     from ferry import settings as cfg
