@@ -200,7 +200,8 @@ def main() -> None:
     body = f"""# Benchmarks
 
 Regenerate with `.venv/bin/python benchmarks/sweep.py` (about fifteen minutes).
-Everything below ran on one machine in one run: {os.cpu_count()} cores ({model}), {platform.system()}.
+The three tables below ran on one machine in one run ({time.strftime("%Y-%m-%d")}):
+{os.cpu_count()} cores ({model}), {platform.system()}.
 The client (perf_analyzer, batch-1 gRPC requests, `-i grpc`, synchronous calls) shares those cores
 with the servers, as it does in every figure here. Ferry and the plain server were measured in turn,
 {args.repeat} sweeps each; each row is the median run (its p50/p99 go with it) and the range of the runs.
