@@ -17,14 +17,19 @@ prints what the summary percentiles hide:
 * **silences**: gaps between consecutive answers over 2 ms, and how many of the slow requests
   span one;
 * **answer bursts**: answers less than 0.2 ms apart count as one burst (about one batch, as the
-  client saw it), with their sizes.
+  client saw it), with their sizes;
+* **hot stretches**: the run cut into 0.25 s stretches by send time; the share of the slow
+  requests sent in the busiest twentieth of them, when those began, and the p99 of every other
+  request. Stalls that recur at the same moments of every run, for every server (perf_analyzer's
+  own work on the client's core, most likely), show up here rather than as a server's tail.
 
 ``--hidden 16`` serves every peer a narrow version of the example MLP (the same inputs and
 outputs, 18 KB of weights instead of 5.3 MB): what a server costs a call when the model neither
 takes time nor evicts the server's own code and data from the caches.
 
 Peers are benchmarks/headtohead.py's (``name[@checkout][,KEY=value...]``); the order alternates by
-round. ``--keep DIR`` keeps the exports (JSON, perf_analyzer's format) for a closer look.
+round. ``--keep DIR`` keeps the exports (JSON, perf_analyzer's format) for a closer look; without
+it each is deleted once analysed (one run at concurrency 64 writes about 800 MB).
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from ferry.example_model import LAYERS  # noqa: E402
 SLOW_CLUSTER_S = 0.005
 SILENCE_S = 0.002
 BURST_S = 0.0002
+STRETCH_S = 0.25
 
 
 def run_one(pa: str, peer: Peer, level: int, args: argparse.Namespace, log_dir: Path, onnx: Path,
@@ -87,12 +93,19 @@ def analyse(export: Path) -> dict[str, Any]:
     silences = [(answers[i], answers[i + 1]) for i in np.flatnonzero(gaps >= SILENCE_S * 1e9)]
     spanning = sum(any(sent[i] <= a and b <= answered[i] for a, b in silences) for c in clusters for i in c)
     bursts = np.diff(np.flatnonzero(np.diff(answers, prepend=0, append=answers[-1] + 10**9) > BURST_S * 1e9))
+    stretch = ((sent - sent[0]) // int(STRETCH_S * 1e9)).astype(np.int64)
+    slow_per_stretch = np.bincount(stretch, weights=latency_ms >= p99)
+    hot = np.argsort(slow_per_stretch)[::-1][:max(1, len(slow_per_stretch) // 20)]
+    outside = ~np.isin(stretch, hot)
     return {
         "requests": len(latency_ms), "rate": len(latency_ms) / span_s,
         **{f"p{q}": float(np.percentile(latency_ms, q)) for q in (50, 90, 99, 99.9)},
         "slow": sum(len(c) for c in clusters), "clusters": sorted((len(c) for c in clusters), reverse=True),
         "silences": len(silences), "slow_in_silence": spanning,
         "bursts": len(bursts), "burst_sizes": np.bincount(bursts).tolist(),
+        "hot_share": float(slow_per_stretch[hot].sum() / max(1.0, slow_per_stretch.sum())),
+        "hot_at": sorted(float(h) * STRETCH_S for h in hot),
+        "p99_outside_hot": float(np.percentile(latency_ms[outside], 99)) if outside.any() else float("nan"),
     }
 
 
@@ -126,7 +139,8 @@ def main() -> None:
     onnx = log_dir / "mlp.onnx"
     onnx.write_bytes(build_onnx(hidden=args.hidden))
     pa = perf_analyzer()
-    print(f"{' / '.join(p.label for p in peers)}; pinned; exports and logs in {keep} / {log_dir}", flush=True)
+    kept = f"exports in {keep}, " if args.keep else ""
+    print(f"{' / '.join(p.label for p in peers)}; pinned; {kept}logs in {log_dir}", flush=True)
     for level in levels:
         for r in range(args.rounds):
             sides = list(zip("ab", peers, strict=False))
@@ -134,10 +148,14 @@ def main() -> None:
                 export = keep / f"tail-c{level}-r{r + 1}-{side}.json"
                 run_one(pa, peer, level, args, log_dir, onnx, export)
                 f = analyse(export)
+                if args.keep is None:
+                    export.unlink()
                 print(f"c={level} round {r + 1} {side} {f['rate']:7.0f}/s p50 {f['p50']:5.2f} p90 {f['p90']:5.2f} "
                       f"p99 {f['p99']:5.2f} p99.9 {f['p99.9']:5.2f} ms | slow {f['slow']} in {len(f['clusters'])} "
                       f"clusters (largest {f['clusters'][:6]}), {f['slow_in_silence']} spanning one of "
-                      f"{f['silences']} silences | bursts {f['bursts']} sizes {f['burst_sizes'][:17]}", flush=True)
+                      f"{f['silences']} silences | bursts {f['bursts']} sizes {f['burst_sizes'][:17]} | "
+                      f"{100 * f['hot_share']:.0f}% of slow in hot stretches at {f['hot_at']} s, p99 outside "
+                      f"{f['p99_outside_hot']:.2f} ms", flush=True)
 
 
 if __name__ == "__main__":
