@@ -50,7 +50,7 @@ from broker.reclaim import (
 from broker.requests import Entry
 from broker.served import Served, group_requests, release, serve
 from ferry import metrics
-from ferry.lifecycle import cancel_all
+from ferry.lifecycle import cancel_all, settle_heap
 from ferry.redis_conn import REDIS_DOWN, connect, ensure_group
 from ferry.repository import Repository
 from ferry.resp import DataClient, RespError, listen, range_entries, stream_entries
@@ -108,6 +108,7 @@ class Broker:
         await self.setup()
         await self.live.refresh()
         self.live.start()
+        settle_heap()
         log.info("broker %s serving %d model version(s), %s batching", self.settings.broker_id,
                  len(self._models), self.settings.batch_window)
         self._tasks = [

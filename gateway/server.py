@@ -13,6 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ferry.errors import ConfigError
+from ferry.lifecycle import settle_heap
 from ferry.repository import Repository
 from ferry.settings import GatewaySettings
 from ferry.tracing import Tracing
@@ -81,6 +82,7 @@ async def serve(
     await dispatcher.start()
     service.live.start()
     await server.start()
+    settle_heap()
     log.info("gateway %s listening on %s:%d (%s%s)", settings.gateway_id, settings.host, port,
              "mTLS" if settings.tls_client_ca_file else "TLS" if credentials else "plaintext",
              ", tokens required" if settings.auth_tokens_file else "")

@@ -165,3 +165,32 @@ def test_cancel_all_outlasts_a_task_that_swallows_its_cancellation() -> None:
         return task.cancelled()
 
     assert asyncio.run(main()) and swallowed == [True]
+
+
+def test_settle_heap_collects_start_up_garbage_then_freezes_what_is_alive() -> None:
+    # In a fresh interpreter: freezing pytest's own heap would keep its cycles for the session.
+    probe = """
+import gc, weakref
+from ferry.lifecycle import settle_heap
+
+class Node:
+    pass
+
+def cycle():
+    a, b = Node(), Node()
+    a.other, b.other = b, a
+    return weakref.ref(a)
+
+gc.disable()  # nothing may collect it before settle_heap does
+garbage = cycle()
+alive = Node()
+assert garbage() is not None
+settle_heap()
+print(garbage() is None, gc.get_freeze_count() > 0, not any(o is alive for o in gc.get_objects()))
+"""
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    collected, frozen, out_of_reach = out.stdout.split()
+    assert collected == "True"  # start-up's cyclic garbage went first, rather than frozen for good
+    assert frozen == "True"
+    assert out_of_reach == "True"  # later collections no longer walk what was alive

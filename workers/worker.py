@@ -54,7 +54,7 @@ from broker.reclaim import (
 )
 from ferry import metrics
 from ferry.errors import Code
-from ferry.lifecycle import cancel_all
+from ferry.lifecycle import cancel_all, settle_heap
 from ferry.redis_conn import REDIS_DOWN, connect, ensure_group
 from ferry.repository import Repository
 from ferry.resp import RespError, stream_entries
@@ -131,6 +131,7 @@ class Worker:
         tasks = [writer, heartbeat, stats, reclaimer]
         if self.handoff is not None:
             tasks.append(asyncio.create_task(self._run_handed(self.handoff), name="handed"))
+        settle_heap()
         log.info("worker %s serving pool %s: %s", self.settings.worker_id, self.settings.pool,
                  ", ".join(f"{n} v{v}" for n, v in self.models) or "no models")
         try:
