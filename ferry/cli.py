@@ -228,6 +228,10 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--colocate", action=argparse.BooleanOptionalAction, default=None,
                     help="run the first worker inside the broker's process (one process fewer per batch; "
                     "default: with --edge on fewer than 4 usable CPUs)")
+    up.add_argument("--sched-batch", action=argparse.BooleanOptionalAction, default=None,
+                    help="run every process it starts under Linux's SCHED_BATCH policy, so that they do not preempt "
+                    "one another on wake-up (default: on fewer than 4 usable CPUs, where they share cores; "
+                    "docs/edge.md)")
     up.add_argument("--redis-url", default=None,
                     help="use this Redis instead of starting one [env REDIS_URL / FERRY_REDIS_URL]")
     inf = sub.add_parser("infer", help="send one request with random inputs and print the result")
@@ -337,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg.check_env(os.environ)
             redis_url = ns.redis_url or os.environ.get("FERRY_REDIS_URL") or os.environ.get("REDIS_URL")
             return up(ns.model_repository, ns.grpc_port, ns.workers, ns.host, redis_url, ns.gateways, ns.edge,
-                      ns.colocate)
+                      ns.colocate, ns.sched_batch)
         elif ns.command == "infer":
             _infer(ns)
         elif ns.command == "example-model":

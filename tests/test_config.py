@@ -307,6 +307,29 @@ print(json.dumps([colocation(None, 1, True, 2), colocation(None, 1, False, 2), c
     assert proc.stderr.count("the broker process also runs the first worker") == 2
 
 
+def test_ferry_up_runs_its_processes_under_sched_batch_where_they_share_cores() -> None:
+    # Each case in a process of its own: the policy is the calling process's, and its children's.
+    code = """
+import json, os, subprocess, sys
+from ferry.cluster import batch_scheduling
+out = [batch_scheduling(None, 4), os.sched_getscheduler(0) == os.SCHED_OTHER,
+       batch_scheduling(False, 1), os.sched_getscheduler(0) == os.SCHED_OTHER,
+       batch_scheduling(None, 2), os.sched_getscheduler(0) == os.SCHED_BATCH]
+child = subprocess.run([sys.executable, "-c", "import os; print(os.sched_getscheduler(0))"],
+                       capture_output=True, text=True, check=True)
+out.append(int(child.stdout) == os.SCHED_BATCH)
+print(json.dumps(out))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert json.loads(proc.stdout) == [False, True, False, True, True, True, True]
+    assert proc.stderr.count("they run under SCHED_BATCH") == 1
+    # Asked for on a big host, it is set without a note.
+    code = "import os; from ferry.cluster import batch_scheduling; print(batch_scheduling(True, 16), " \
+           "os.sched_getscheduler(0) == os.SCHED_BATCH)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert (proc.stdout.split(), proc.stderr) == (["True", "True"], "")
+
+
 def test_a_colocated_worker_takes_its_own_knobs_from_the_environment_and_the_shared_ones_from_the_broker(
         tmp_path: Path) -> None:
     code = """

@@ -87,6 +87,12 @@ def test_ferry_up_serves_the_example_and_stops_cleanly(tmp_path: Path, front: st
         assert ("a batch leaves when the worker is free" in text) == (front == "edge"), text
         small = usable_cpus() < COLOCATE_BELOW_CPUS  # where the default puts the worker in the broker's process
         assert ("the broker process also runs the first worker" in text) == (front == "edge" and small), text
+        assert ("they run under SCHED_BATCH" in text) == small, text
+        # What the policy is for: every process it started (Redis, the edge, the Python ones) inherits it.
+        children = subprocess.run(["pgrep", "-P", str(up.pid)], capture_output=True, text=True).stdout.split()
+        assert len(children) >= 3, children
+        want = os.SCHED_BATCH if small else os.SCHED_OTHER
+        assert all(os.sched_getscheduler(int(pid)) == want for pid in children), children
         out = subprocess.run([sys.executable, "-m", "ferry.cli", "infer", "--url", f"127.0.0.1:{port}"],
                              capture_output=True, text=True, timeout=30, env=_env(), cwd=ROOT)
         assert out.returncode == 0, out.stderr
