@@ -144,8 +144,10 @@ def serve(peer: str, args: argparse.Namespace, cpu: int | None, onnx: Path, log_
             argv = module.serve_command(ROOT / ".cache" / "peers" / peer, work / "srv", port, onnx,
                                         args.max_batch, args.delay_us)
         with open(log_dir / f"{peer}.log", "ab") as log:
-            proc = subprocess.Popen([*pin(cpu), *argv], cwd=root if peer in FERRY else ROOT, env=env, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            # `ferry up` picks its scheduling policy itself (ferry.cluster.batch_scheduling).
+            policy = ["chrt", "--batch", "0"] if args.sched_batch_all and peer not in FERRY else []
+            proc = subprocess.Popen([*policy, *pin(cpu), *argv], cwd=root if peer in FERRY else ROOT, env=env,
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             if started is not None:
                 started.append(proc)
             try:
@@ -366,6 +368,9 @@ def main() -> None:
     ap.add_argument("--streaming", action="store_true",
                     help="perf_analyzer --streaming: ModelStreamInfer, one bidirectional stream per client "
                     "(its own section and plots)")
+    ap.add_argument("--sched-batch-all", action="store_true",
+                    help="run the other servers under SCHED_BATCH too (chrt --batch 0), the policy `ferry up` "
+                    "gives its processes on fewer than 4 CPUs: does it help them as well?")
     ap.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib needed)")
     ap.add_argument("--from-json", type=Path, default=None,
                     help="write the tables and plots of a run saved with --json, without measuring")
@@ -426,7 +431,8 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, list[Row]]], l
     again = " ".join([".venv/bin/python benchmarks/compare.py", f"--peers {','.join(peers)}",
                       f"--modes {','.join(results)}", f"--repeat {run['repeat']}",
                       *(["--interleave"] if run.get("interleave") == "True" else []),
-                      *(["--streaming"] if streaming else [])])
+                      *(["--streaming"] if streaming else []),
+                      *(["--sched-batch-all"] if run.get("sched_batch_all") == "True" else [])])
     section = "\n".join([
         f"## Side by side: {', '.join(peers)}"
         + (" — ModelStreamInfer (perf_analyzer --streaming)" if streaming else ""),
@@ -446,7 +452,10 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, list[Row]]], l
         f"Ferry: {run['ferry_gateways']} gateway(s), {run['ferry_workers']} worker(s), one broker, Redis; *ferry* "
         "batches adaptively (its default), *ferry-edge* the same behind the native edge (`ferry up --edge`, "
         "docs/edge.md), *ferry-fixed* with Triton's rule (`FERRY_BATCH_WINDOW=fixed`: a "
-        "partial batch leaves when its oldest request has waited the window).",
+        "partial batch leaves when its oldest request has waited the window). On fewer than 4 CPUs `ferry up` "
+        "runs its processes under Linux's SCHED_BATCH policy (docs/edge.md)"
+        + ("; in this run every other server ran under it too (`chrt --batch 0`)." if run.get("sched_batch_all")
+           == "True" else "; the other servers run under the default policy."),
         "",
         *versions(peers, run.get("commit") or commit()),
         "",
