@@ -298,10 +298,11 @@ def batch_scheduling(wanted: bool | None, cpus: int) -> bool:
     take turns mid-work: on one core at concurrency 32 the broker was switched out about four times
     a batch, and each switch left the next process a cold cache. SCHED_BATCH tasks do not preempt
     on wake-up: the writer finishes what it has, then sleeps, and the woken one finds more to do
-    in one go (the edge a bigger group, Redis more commands). Pinned to one core (2-core Zen 4 VM,
-    perf_analyzer on the other, alternating runs, docs/edge.md) it served 6-40% more at concurrency
-    8-64, with p99 10-25% lower, and at concurrency 1 p50 fell 0.61 -> 0.59 ms; on two shared cores
-    it was level. Only when Ferry's processes get the CPU changes: woken, they wait for the running
+    in one go (the edge a bigger group, Redis more commands). Pinned to one core behind the edge
+    (2-core Zen 4 VM, perf_analyzer on the other, benchmarks/ab.py, three alternating rounds;
+    docs/edge.md) it served 4-18% more at concurrency 32-64 with a lower p99, and was level at 1
+    and 16; behind the Python gateway, level to 26% more pinned and level to 17% more unpinned;
+    with the edge unpinned, level. Only when Ferry's processes get the CPU changes: woken, they wait for the running
     task to sleep or for the scheduler's tick; other processes still preempt them as before, and
     their share of the CPU is the same. So the default is on below COLOCATE_BELOW_CPUS usable CPUs,
     where the processes share cores. Setting SCHED_BATCH needs no privilege; where the system has
