@@ -145,7 +145,7 @@ def serve(peer: str, args: argparse.Namespace, cpu: int | None, onnx: Path, log_
                                         args.max_batch, args.delay_us)
         with open(log_dir / f"{peer}.log", "ab") as log:
             # `ferry up` picks its scheduling policy itself (ferry.cluster.batch_scheduling).
-            policy = ["chrt", "--batch", "0"] if getattr(args, "sched_batch_all", False) and peer not in FERRY else []
+            policy = ["chrt", "--batch", "0"] if args.sched_batch_all and peer not in FERRY else []
             proc = subprocess.Popen([*policy, *pin(cpu), *argv], cwd=root if peer in FERRY else ROOT, env=env,
                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             if started is not None:

@@ -125,7 +125,8 @@ def main() -> None:
     ap.add_argument("--delay-us", type=int, default=2000)
     ap.add_argument("--start-timeout-s", type=float, default=180)
     args = ap.parse_args()
-    args.ferry_gateways = args.ferry_workers = 1  # what benchmarks/compare.py's serve() reads
+    # What benchmarks/compare.py's serve() reads: one gateway and one worker, every peer as it starts.
+    args.ferry_gateways, args.ferry_workers, args.sched_batch_all = 1, 1, False
     levels = [int(c) for c in args.concurrency.split(",")]
     peers = [args.a] + ([args.b] if args.b else [])
     for p in peers:
