@@ -33,10 +33,10 @@ WORKER_INFO = f"{P}:worker:*"
 # role -> (commands, read-write key patterns, read-only key patterns, channel patterns)
 RULES: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
     "gateway": (
-        # requests in (ENQUEUE: GET, INCRBY, XADD), cancellations (XADD), statistics (HINCRBY, HGETALL),
-        # replies out (LPOP, BLPOP, BLMPOP), its heartbeat (SET, DEL), the worker registry (ZRANGEBYSCORE,
-        # pruned with ZREMRANGEBYSCORE, and GET of each registration)
-        ("get", "set", "del", "incrby", "xadd", "hincrby", "hgetall", "lpop", "blpop", "blmpop",
+        # requests in (ENQUEUE: GET, INCRBY, XADD; the edge's transaction: MULTI, INCRBY, XADD, EXEC),
+        # cancellations (XADD), statistics (HINCRBY, HGETALL), replies out (LPOP, BLPOP, BLMPOP), its heartbeat
+        # (SET, DEL), the worker registry (ZRANGEBYSCORE, pruned with ZREMRANGEBYSCORE, and GET of each registration)
+        ("get", "set", "del", "incrby", "xadd", "multi", "exec", "hincrby", "hgetall", "lpop", "blpop", "blmpop",
          "zrangebyscore", "zremrangebyscore"),
         (MODELS, GATEWAYS, keys.WORKERS),
         (WORKER_INFO,),

@@ -73,7 +73,8 @@ class Cluster:
         self.edge_metrics = f"127.0.0.1:{free_port()}"
         proc = subprocess.Popen([edge_binary(), "--listen", self.url, "--upstream", self.gateway_url,
                                  "--metrics-listen", self.edge_metrics, *args],
-                                env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+                                env=self.env | self.role_env.get("edge", {}), stdout=log, stderr=subprocess.STDOUT,
+                                cwd=ROOT)
         self.procs.append(("edge", proc))
         return proc
 

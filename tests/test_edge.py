@@ -158,3 +158,36 @@ def test_with_tokens_the_edge_relays_every_call_and_bypasses_no_check(repo: Path
         assert "relays every call (the gateway checks tokens)" in log and "took 0 inference calls" in log, log
     finally:
         c.close()
+
+
+def test_a_full_queue_is_refused_whichever_way_the_edge_queued(own: Cluster) -> None:
+    """max_queue_size through the edge. Where the edge last saw a queue at most half full it queues by
+    transaction and checks the count after: when another gateway filled the queue behind its back, the
+    call is refused all the same and taken out of the queue again (the count must not drift). Where it
+    saw the queue fuller, the ENQUEUE script refuses before queueing."""
+    from tests.test_scheduling import Calls, _all_read, _queued, _until, _x, held
+
+    queued_key = "ferry:{m:paced}:v1:queued"
+    edge, gateway = own.client(), tc.InferenceServerClient(own.gateway_url)
+    calls = Calls()
+    with held(own, calls) as r:  # the fillers go through the edge, which so learns paced's queue
+        edge.async_infer("paced", _x(), calls.cb("q0"))
+        _until(lambda: _queued(r, "paced") == 1 and _all_read(r, "paced"), "q0 queued")
+        for i in range(1, 4):  # another gateway fills the queue; the edge last saw one request in it
+            gateway.async_infer("paced", _x(), calls.cb(f"q{i}"))
+        _until(lambda: _queued(r, "paced") == 4 and _all_read(r, "paced"), "the queue full")
+        transactions = r.info("commandstats")["cmdstat_exec"]["calls"]
+        for way in ("by transaction", "by the script"):
+            with pytest.raises(InferenceServerException) as info:
+                edge.infer("paced", _x(), client_timeout=5)
+            assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED", way
+            assert "4 requests wait, max_queue_size is 4" in str(info.value.message()), way
+            _until(lambda: _queued(r, "paced") == 4 and _all_read(r, "paced"), f"refused {way}: the count back at 4")
+            if way == "by transaction":
+                assert r.info("commandstats")["cmdstat_exec"]["calls"] == transactions + 1
+                transactions += 1
+        assert r.info("commandstats")["cmdstat_exec"]["calls"] == transactions  # the script, no transaction
+    calls.wait(6)
+    assert calls.errors == {}  # everything admitted was answered
+    _until(lambda: r.exists(queued_key) == 0, "the queue count deleted at 0")
+    own.stop_cleanly()

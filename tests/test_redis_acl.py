@@ -25,7 +25,7 @@ from tritonclient.utils import InferenceServerException
 from broker.acl import RULES, rules
 from ferry.cluster import RedisServer, find_redis_server, free_port, start_redis
 from tests.certs import CA
-from tests.conftest import ROOT, Cluster
+from tests.conftest import ROOT, Cluster, require_edge
 
 PASSWORD = "s3cret-for-tests"
 WRONG = "pw-not-this-one-7731"
@@ -84,6 +84,33 @@ def test_every_component_works_with_only_its_own_acl(repo: Path, tmp_path: Path,
         c.stop_ok()
         log = admin.execute_command("ACL", "LOG")
         assert log == [], f"ACL denials: {log}\n{c.logs()}"
+    finally:
+        c.close()
+
+
+def test_the_edge_works_with_the_gateways_acl(repo: Path, tmp_path: Path,
+                                             acl_redis: tuple[RedisServer, str]) -> None:
+    """The native edge logs in as the gateway it stands in front of: its own ways of queueing (the
+    ENQUEUE script for a queue it has not seen, a MULTI/EXEC transaction after) need nothing more."""
+    require_edge()
+    server, base = acl_redis
+    role_env = {role: {"FERRY_REDIS_URL": _url(base, role)} for role in RULES}
+    role_env["edge"] = role_env["gateway"]
+    c = Cluster(repo, tmp_path, redis=server, role_env=role_env, edge=True)
+    admin = redis.Redis.from_url(server.url)
+    try:
+        client = c.client()
+        x = tc.InferInput("INPUT0", [2, 256], "FP32")
+        x.set_data_from_numpy(np.ones((2, 256), np.float32))
+        for _ in range(20):
+            out = client.infer("mlp", [x], client_timeout=10).as_numpy("OUTPUT0")
+            assert out is not None and out.shape == (2, 10)
+        c.stop_ok()
+        assert "took 20 inference calls" in c.logs(), c.logs()  # the edge queued them, not the gateway
+        log = admin.execute_command("ACL", "LOG")
+        assert log == [], f"ACL denials: {log}\n{c.logs()}"
+        calls = admin.info("commandstats")
+        assert calls["cmdstat_exec"]["calls"] >= 19, calls  # the first call goes through the script
     finally:
         c.close()
 

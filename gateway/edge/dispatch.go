@@ -5,7 +5,8 @@ package main
 //
 //   - The submitter sends everything queued since its last round trip in one pipeline,
 //     one request group per model version (split at max_batch_size rows), each admitted
-//     by the gateway's ENQUEUE script; under load at most once per flush_interval_us.
+//     by the gateway's ENQUEUE script or, while the queue is at most half full, by a
+//     transaction (admit, below); under load at most once per flush_interval_us.
 //   - The listener (replies.go) pops this edge's reply list in bulk (BLMPOP ... COUNT) and
 //     completes each call by correlation number; a reply for a call that already ended is dropped.
 //   - When the submitter's or the listener's connection is replaced, every call still
@@ -78,6 +79,7 @@ type dispatcher struct {
 	timer     *time.Timer
 	wake      chan struct{}
 	failures  chan failure
+	queued    map[string]int64 // request stream -> its queue count as of the last round (submitter only)
 
 	late         uint64 // replies that found no waiting call (under mu)
 	resent       uint64 // requests queued again after a reconnect (under mu)
@@ -96,7 +98,7 @@ type failure struct {
 func newDispatcher(h *hello, gwID string, target redisTarget) *dispatcher {
 	return &dispatcher{
 		h: h, gwID: gwID, target: target, rtt: time.Duration(h.RedisTimeoutS * float64(time.Second)),
-		pending: map[uint64]*call{}, cancels: map[string][]uint64{},
+		pending: map[uint64]*call{}, cancels: map[string][]uint64{}, queued: map[string]int64{},
 		wake: make(chan struct{}, 1), failures: make(chan failure, 4096), stop: make(chan struct{}),
 	}
 }
@@ -226,6 +228,31 @@ func (d *dispatcher) countFailure(spec *modelSpec, started time.Time) {
 	}
 }
 
+// admission is one request group in a round's pipeline: the calls it carries and how it
+// was admitted.
+type admission struct {
+	calls []*call
+	fast  bool // by a transaction: its reply is EXEC's, [queue count after it, entry id]
+}
+
+// admit picks how a group of n requests for spec's queue is admitted. The ENQUEUE script
+// checks max_queue_size and adds the entry in one step, but Lua copies every payload in
+// and out again: at concurrency 32 on 2 cores it was about 40% of Redis's CPU. Where this edge
+// last saw the queue at most half full, a MULTI/EXEC of INCRBY and XADD does the same
+// without the check (3-4% of the whole server's CPU per request; docs/edge.md), and the
+// count that INCRBY returns does the check after the fact: over the bound, the group is
+// refused as the script would have refused it and its calls cancelled (admitted below).
+// Only writers this edge does not see (other gateways) can take a queue from half full
+// to over full within one of its round trips, so the after-the-fact path is rare.
+func (d *dispatcher) admit(spec *modelSpec, n int64) bool {
+	known, ok := d.queued[spec.RequestStream]
+	if !ok { // not seen yet (or since a reconnect): the script, which reports the count
+		return false
+	}
+	d.queued[spec.RequestStream] = known + n // for the groups after it in this round
+	return known+n <= spec.MaxQueueSize/2
+}
+
 type round struct {
 	calls   []*call
 	cancels map[string][]uint64
@@ -234,11 +261,12 @@ type round struct {
 }
 
 // commands builds one round trip: a group per model version in arrival order, split at
-// max_batch_size rows (or max_group requests), then the cancellations.
-func (d *dispatcher) commands(r round, holding int) ([][]interface{}, [][]*call) {
+// max_batch_size rows (or max_group requests), then the cancellations. admits has one
+// element per command, nil for those that carry no group.
+func (d *dispatcher) commands(r round, holding int) ([][]interface{}, []*admission) {
 	nowNs := time.Now().UnixNano()
 	var cmds [][]interface{}
-	var admits [][]*call
+	var admits []*admission
 	byStream := map[string][]*call{}
 	var order []string
 	for _, c := range r.calls {
@@ -261,8 +289,16 @@ func (d *dispatcher) commands(r round, holding int) ([][]interface{}, [][]*call)
 			if len(group) == 0 {
 				return
 			}
-			cmd := []interface{}{"EVALSHA", d.h.EnqueueSHA, 2, spec.RequestStream, spec.QueueCount, len(group),
-				spec.MaxQueueSize, "r", d.gwID}
+			fast := d.admit(spec, int64(len(group)))
+			var cmd []interface{}
+			if fast {
+				cmds = append(cmds, []interface{}{"MULTI"}, []interface{}{"INCRBY", spec.QueueCount, len(group)})
+				admits = append(admits, nil, nil)
+				cmd = []interface{}{"XADD", spec.RequestStream, "*", "r", d.gwID}
+			} else {
+				cmd = []interface{}{"EVALSHA", d.h.EnqueueSHA, 2, spec.RequestStream, spec.QueueCount, len(group),
+					spec.MaxQueueSize, "r", d.gwID}
+			}
 			flat := make([]int64, 0, 4*len(group))
 			for i, c := range group {
 				cmd = append(cmd, fmt.Sprint(i), c.payload)
@@ -271,7 +307,11 @@ func (d *dispatcher) commands(r round, holding int) ([][]interface{}, [][]*call)
 			header, _ := json.Marshal([]interface{}{nowNs, spec.Level, "", flat, holding})
 			cmd = append(cmd, "h", header)
 			cmds = append(cmds, cmd)
-			admits = append(admits, group)
+			if fast {
+				cmds = append(cmds, []interface{}{"EXEC"})
+				admits = append(admits, nil)
+			}
+			admits = append(admits, &admission{calls: group, fast: fast})
 			group, rows = nil, 0
 		}
 		for _, c := range calls {
@@ -332,6 +372,7 @@ func (d *dispatcher) submitter() {
 				continue
 			}
 			fresh = true
+			d.queued = map[string]int64{} // a new connection may be to a new Redis
 		}
 		if fresh || r.resend {
 			r = d.withResent(r)
@@ -345,11 +386,8 @@ func (d *dispatcher) submitter() {
 			continue
 		}
 		replies, err := conn.do(cmds)
-		if err == nil && hasNoScript(replies) {
-			// Redis restarted (or flushed its scripts) since the script was loaded: nothing ran.
-			if _, err = conn.do([][]interface{}{{"SCRIPT", "LOAD", d.h.Enqueue}}); err == nil {
-				replies, err = conn.do(cmds)
-			}
+		if err == nil {
+			err = d.retryNoScript(conn, cmds, replies)
 		}
 		if err != nil {
 			conn.close()
@@ -362,39 +400,109 @@ func (d *dispatcher) submitter() {
 		}
 		downSince, fresh = time.Time{}, false
 		for i, reply := range replies {
-			group := admits[i]
-			var failed *result
-			switch v := reply.(type) {
-			case int64:
-				if v < 0 {
-					spec := group[0].spec
-					failed = &result{codes.ResourceExhausted, []byte(fmt.Sprintf(
-						"the queue of model %s v%d is full: %d requests wait, max_queue_size is %d; retry later, "+
-							"add workers, or raise max_queue_size in its config.pbtxt",
-						quoted(spec.Name), spec.Version, -1-v, spec.MaxQueueSize)), true}
-				}
-			case RespError:
-				log.Printf("queueing %d requests failed: %v", len(group), v)
-				failed = &result{codes.Unavailable, []byte("could not queue the request: " + string(v)), true}
-			}
-			if failed != nil {
-				for _, c := range group {
-					if !c.copy {
-						c.finish(*failed)
-					}
-				}
+			if admits[i] != nil {
+				d.admitted(admits[i], reply)
+			} else if e, ok := reply.(RespError); ok {
+				log.Printf("redis refused %s: %v", cmds[i][0], e)
 			}
 		}
 	}
 }
 
-func hasNoScript(replies []interface{}) bool {
-	for _, r := range replies {
-		if e, ok := r.(RespError); ok && strings.HasPrefix(string(e), "NOSCRIPT") {
-			return true
+// admitted settles one group from its reply: the queue count it learns, and the calls it
+// fails when the queue was full or Redis refused it.
+func (d *dispatcher) admitted(a *admission, reply interface{}) {
+	spec := a.calls[0].spec
+	n := int64(len(a.calls))
+	var failed *result
+	full := func(waiting int64) *result {
+		return &result{codes.ResourceExhausted, []byte(fmt.Sprintf(
+			"the queue of model %s v%d is full: %d requests wait, max_queue_size is %d; retry later, "+
+				"add workers, or raise max_queue_size in its config.pbtxt",
+			quoted(spec.Name), spec.Version, waiting, spec.MaxQueueSize)), true}
+	}
+	switch v := reply.(type) {
+	case int64: // the script's: the count after admitting, or -1 - the count when refused
+		if v < 0 {
+			d.queued[spec.RequestStream] = -1 - v
+			failed = full(-1 - v)
+		} else {
+			d.queued[spec.RequestStream] = v
+		}
+	case []interface{}: // EXEC's: [INCRBY's count, XADD's entry id]
+		if len(v) != 2 {
+			failed = &result{codes.Unavailable, []byte(fmt.Sprintf("could not queue the request: Redis answered %v", v)), true}
+			break
+		}
+		if e, bad := v[1].(RespError); bad {
+			log.Printf("queueing %d requests failed: %v", n, e)
+			failed = &result{codes.Unavailable, []byte("could not queue the request: " + string(e)), true}
+			break
+		}
+		count, ok := v[0].(int64)
+		if !ok { // queued, but not counted: the next group goes through the script
+			log.Printf("queued %d requests but could not count them: %v", n, v[0])
+			delete(d.queued, spec.RequestStream)
+			break
+		}
+		d.queued[spec.RequestStream] = count
+		if count > spec.MaxQueueSize {
+			// In the queue already: take the calls out again as a client that went away
+			// would, and refuse them as the script would have. A re-sent copy stays (its
+			// original may be queued under the same number, and must not be cancelled).
+			var corrs []uint64
+			for _, c := range a.calls {
+				if !c.copy {
+					corrs = append(corrs, c.corr)
+				}
+			}
+			d.mu.Lock()
+			d.cancels[spec.RequestStream] = append(d.cancels[spec.RequestStream], corrs...)
+			d.mu.Unlock()
+			d.signal()
+			failed = full(count - n)
+		}
+	case RespError:
+		log.Printf("queueing %d requests failed: %v", n, v)
+		failed = &result{codes.Unavailable, []byte("could not queue the request: " + string(v)), true}
+	default:
+		failed = &result{codes.Unavailable, []byte(fmt.Sprintf("could not queue the request: Redis answered %v", v)), true}
+	}
+	if failed != nil {
+		for _, c := range a.calls {
+			if !c.copy {
+				c.finish(*failed)
+			}
 		}
 	}
-	return false
+}
+
+// retryNoScript loads the ENQUEUE script again and re-sends the commands that found it
+// missing (Redis restarted, or its scripts were flushed, since it was loaded), putting
+// their replies in place. Only those: the rest of the round ran.
+func (d *dispatcher) retryNoScript(conn *respConn, cmds [][]interface{}, replies []interface{}) error {
+	var again [][]interface{}
+	var at []int
+	for i, r := range replies {
+		if e, ok := r.(RespError); ok && strings.HasPrefix(string(e), "NOSCRIPT") {
+			again = append(again, cmds[i])
+			at = append(at, i)
+		}
+	}
+	if len(again) == 0 {
+		return nil
+	}
+	if _, err := conn.do([][]interface{}{{"SCRIPT", "LOAD", d.h.Enqueue}}); err != nil {
+		return err
+	}
+	out, err := conn.do(again)
+	if err != nil {
+		return err
+	}
+	for j, i := range at {
+		replies[i] = out[j]
+	}
+	return nil
 }
 
 func unavailable(t redisTarget, err error) result {
