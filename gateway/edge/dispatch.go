@@ -353,7 +353,8 @@ func (d *dispatcher) submitter() {
 		}
 	}()
 	var downSince time.Time
-	fresh := false // the connection is new: say alive again and resend what waits
+	fresh := false    // the connection is new: say alive again and resend what waits
+	replaced := false // there was one before it (the first has nothing to resend)
 	for {
 		select {
 		case <-d.stop:
@@ -374,7 +375,7 @@ func (d *dispatcher) submitter() {
 			fresh = true
 			d.queued = map[string]int64{} // a new connection may be to a new Redis
 		}
-		if fresh || r.resend {
+		if (fresh && replaced) || r.resend {
 			r = d.withResent(r)
 		}
 		cmds, admits := d.commands(r, holding)
@@ -398,7 +399,7 @@ func (d *dispatcher) submitter() {
 			d.fail(r, unavailable(d.target, err))
 			continue
 		}
-		downSince, fresh = time.Time{}, false
+		downSince, fresh, replaced = time.Time{}, false, true
 		for i, reply := range replies {
 			if admits[i] != nil {
 				d.admitted(admits[i], reply)
