@@ -12,7 +12,9 @@ a cluster too)::
     ferry:{m:<model>}:v<version>:queued     STRING  requests in request-stream entries not yet
                                             acknowledged by a broker: the queue that
                                             max_queue_size bounds.  Changed only by
-                                            scripts.ENQUEUE and scripts.ACK_REQUESTS;
+                                            scripts.ENQUEUE, scripts.ACK_REQUESTS and
+                                            the edge's MULTI/EXEC of INCRBY and XADD
+                                            (gateway/edge/dispatch.go, admit);
                                             deleted when it drops to 0.
     ferry:{m:<model>}:v<version>:stats      HASH    cumulative statistics served by
                                             ModelStatistics (see broker.messages.Stat).

@@ -7,7 +7,8 @@ per request.  Times that cross processes are wall-clock nanoseconds since
 the epoch (hosts are expected to run NTP; a skew of a few ms shifts
 deadlines by as much).
 
-1. Request group (gateway -> ``request_stream``, through scripts.ENQUEUE), fields::
+1. Request group (gateway -> ``request_stream``, through scripts.ENQUEUE, or the edge's
+   MULTI/INCRBY/XADD/EXEC where it saw the queue at most half full: gateway/edge/dispatch.go), fields::
 
        r        id of the gateway holding the calls (replies go to keys.reply_list(r))
        h        JSON ``[enqueue ns, level, shape key, [corr, rows, deadline ns, timeout ns, ...], holding]``

@@ -33,6 +33,8 @@ return 0
 """
 
 # Admit one request group to a model's queue, or refuse it when the queue is full.
+# (The native edge does without it where it saw the queue at most half full: INCRBY and XADD
+# in one MULTI/EXEC, the count checked after the fact; gateway/edge/dispatch.go, admit.)
 # KEYS[1] = request_stream, KEYS[2] = queue_count (same model version: one slot)
 # ARGV[1] = requests in the group, ARGV[2] = max_queue_size, ARGV[3..] = the entry's fields and values
 # Returns the queue length after admitting, or -1 - (current length) when refused.

@@ -49,6 +49,16 @@ def _url(base: str, role: str, password: str = PASSWORD) -> str:
     return base.replace("redis://", f"redis://ferry-{role}:{password}@") + "/0"
 
 
+def _serve_twenty(client: tc.InferenceServerClient) -> tc.InferInput:
+    """Twenty calls to the example model, each checked; their input, for more."""
+    x = tc.InferInput("INPUT0", [2, 256], "FP32")
+    x.set_data_from_numpy(np.ones((2, 256), np.float32))
+    for _ in range(20):
+        out = client.infer("mlp", [x], client_timeout=10).as_numpy("OUTPUT0")
+        assert out is not None and out.shape == (2, 10)
+    return x
+
+
 def test_every_component_works_with_only_its_own_acl(repo: Path, tmp_path: Path,
                                                      acl_redis: tuple[RedisServer, str]) -> None:
     server, base = acl_redis
@@ -58,11 +68,7 @@ def test_every_component_works_with_only_its_own_acl(repo: Path, tmp_path: Path,
     admin = redis.Redis.from_url(server.url)
     try:
         client = c.client()
-        x = tc.InferInput("INPUT0", [2, 256], "FP32")
-        x.set_data_from_numpy(np.ones((2, 256), np.float32))
-        for _ in range(20):
-            out = client.infer("mlp", [x], client_timeout=10).as_numpy("OUTPUT0")
-            assert out is not None and out.shape == (2, 10)
+        x = _serve_twenty(client)
         assert client.get_inference_statistics("mlp", as_json=True)["model_stats"]
         assert client.get_model_repository_index(as_json=True)["models"]
         # The broker rejects what cannot make its deadline: its own replies to the gateway. (The slow
@@ -99,12 +105,7 @@ def test_the_edge_works_with_the_gateways_acl(repo: Path, tmp_path: Path,
     c = Cluster(repo, tmp_path, redis=server, role_env=role_env, edge=True)
     admin = redis.Redis.from_url(server.url)
     try:
-        client = c.client()
-        x = tc.InferInput("INPUT0", [2, 256], "FP32")
-        x.set_data_from_numpy(np.ones((2, 256), np.float32))
-        for _ in range(20):
-            out = client.infer("mlp", [x], client_timeout=10).as_numpy("OUTPUT0")
-            assert out is not None and out.shape == (2, 10)
+        _serve_twenty(c.client())
         c.stop_ok()
         assert "took 20 inference calls" in c.logs(), c.logs()  # the edge queued them, not the gateway
         log = admin.execute_command("ACL", "LOG")
