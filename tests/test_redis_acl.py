@@ -116,6 +116,28 @@ def test_the_edge_works_with_the_gateways_acl(repo: Path, tmp_path: Path,
         c.close()
 
 
+def test_an_edge_whose_acl_lacks_transactions_queues_through_the_script(repo: Path, tmp_path: Path,
+                                                                      acl_redis: tuple[RedisServer, str]) -> None:
+    """An ACL written before the edge used MULTI/EXEC: it says so at start and keeps to ENQUEUE."""
+    require_edge()
+    server, base = acl_redis
+    admin = redis.Redis.from_url(server.url)
+    admin.execute_command("ACL", "SETUSER", "ferry-gateway", "-multi", "-exec")
+    role_env = {role: {"FERRY_REDIS_URL": _url(base, role)} for role in RULES}
+    role_env["edge"] = role_env["gateway"]
+    c = Cluster(repo, tmp_path, redis=server, role_env=role_env, edge=True)
+    try:
+        admin.config_resetstat()
+        _serve_twenty(c.client())
+        c.stop_ok()
+        assert "refused a transaction" in c.logs() and "took 20 inference calls" in c.logs(), c.logs()
+        assert "cmdstat_exec" not in admin.info("commandstats")
+        denied = {entry[b"object"] for entry in admin.execute_command("ACL", "LOG")}
+        assert b"multi" in denied and denied <= {b"multi", b"exec"}, denied  # the probe at start, nothing after
+    finally:
+        c.close()
+
+
 def test_a_wrong_password_is_refused_with_a_clear_message(repo: Path, tmp_path: Path,
                                                          acl_redis: tuple[RedisServer, str]) -> None:
     _, base = acl_redis

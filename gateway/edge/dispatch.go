@@ -88,6 +88,7 @@ type dispatcher struct {
 	stop         chan struct{}
 	wg           sync.WaitGroup
 	hasPop       bool // Redis 7: BLMPOP
+	hasMulti     bool // this Redis user may MULTI/EXEC (admit)
 }
 
 type failure struct {
@@ -110,7 +111,7 @@ func (d *dispatcher) start() error {
 	if err != nil {
 		return fmt.Errorf("cannot reach redis %s: %v", d.target.display, err)
 	}
-	replies, err := c.do([][]interface{}{{"INFO", "server"}, d.aliveCommand()})
+	replies, err := c.do([][]interface{}{{"INFO", "server"}, d.aliveCommand(), {"MULTI"}, {"EXEC"}})
 	c.close()
 	if err != nil {
 		return fmt.Errorf("redis %s: %v", d.target.display, err)
@@ -124,6 +125,17 @@ func (d *dispatcher) start() error {
 	}
 	if e, ok := replies[1].(RespError); ok {
 		return fmt.Errorf("redis %s refused the heartbeat: %v", d.target.display, e)
+	}
+	// An empty transaction: whether this Redis user may queue by MULTI/EXEC (admit). An ACL
+	// written before the edge used them lacks them: then every group goes through the script.
+	d.hasMulti = true
+	for _, r := range replies[2:] {
+		if e, refused := r.(RespError); refused && d.hasMulti {
+			d.hasMulti = false
+			log.Printf("redis %s refused a transaction (%v): queueing through the ENQUEUE script only; "+
+				"grant the gateway's Redis user +multi +exec (`ferry redis-acl`) for the cheaper way",
+				d.target.display, e)
+		}
 	}
 	d.wg.Add(3)
 	go d.submitter()
@@ -246,7 +258,7 @@ type admission struct {
 // to over full within one of its round trips, so the after-the-fact path is rare.
 func (d *dispatcher) admit(spec *modelSpec, n int64) bool {
 	known, ok := d.queued[spec.RequestStream]
-	if !ok { // not seen yet (or since a reconnect): the script, which reports the count
+	if !ok || !d.hasMulti { // not seen yet (or since a reconnect): the script, which reports the count
 		return false
 	}
 	d.queued[spec.RequestStream] = known + n // for the groups after it in this round

@@ -8,6 +8,7 @@ func TestGroupsGoByTransactionOnlyWhereTheQueueWasSeenHalfEmpty(t *testing.T) {
 	h := &hello{EnqueueSHA: "sha", MaxGroup: 64}
 	spec := &modelSpec{Name: "m", Version: 1, RequestStream: "s", QueueCount: "q", MaxQueueSize: 8, MaxBatch: 1}
 	d := newDispatcher(h, "gw", redisTarget{})
+	d.hasMulti = true
 	calls := func(n int) []*call {
 		var out []*call
 		for i := 0; i < n; i++ {
@@ -40,7 +41,10 @@ func TestGroupsGoByTransactionOnlyWhereTheQueueWasSeenHalfEmpty(t *testing.T) {
 	if got := ways(3); len(got) != 3 || got[0] != "EXEC" || got[1] != "EXEC" || got[2] != "EVALSHA" {
 		t.Fatalf("seen at 2 of 8: %v, want two transactions then the script", got)
 	}
-	d.queued["s"] = 0
+	d.hasMulti, d.queued["s"] = false, 0
+	if got := ways(1); got[0] != "EVALSHA" {
+		t.Fatalf("a Redis user without MULTI: %v, want the script", got)
+	}
 	d.admitted(&admission{calls: calls(1), fast: true}, []interface{}{int64(9), []byte("1-1")})
 	if d.queued["s"] != 9 {
 		t.Fatalf("the count EXEC reported is not kept: %d", d.queued["s"])
