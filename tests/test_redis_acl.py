@@ -49,6 +49,13 @@ def _url(base: str, role: str, password: str = PASSWORD) -> str:
     return base.replace("redis://", f"redis://ferry-{role}:{password}@") + "/0"
 
 
+def _role_env(base: str) -> dict[str, dict[str, str]]:
+    """Each component as its own ACL user; the native edge as the gateway it stands in front of."""
+    env = {role: {"FERRY_REDIS_URL": _url(base, role)} for role in RULES}
+    env["edge"] = env["gateway"]
+    return env
+
+
 def _serve_twenty(client: tc.InferenceServerClient) -> tc.InferInput:
     """Twenty calls to the example model, each checked; their input, for more."""
     x = tc.InferInput("INPUT0", [2, 256], "FP32")
@@ -64,7 +71,7 @@ def test_every_component_works_with_only_its_own_acl(repo: Path, tmp_path: Path,
     server, base = acl_redis
     c = Cluster(repo, tmp_path, redis=server, workers=0, worker_args=(("--fault-exit-on-id", "crash"),),
                 broker_args=("--no-worker-grace-s", "60"),
-                role_env={role: {"FERRY_REDIS_URL": _url(base, role)} for role in RULES})
+                role_env=_role_env(base))
     admin = redis.Redis.from_url(server.url)
     try:
         client = c.client()
@@ -100,9 +107,7 @@ def test_the_edge_works_with_the_gateways_acl(repo: Path, tmp_path: Path,
     ENQUEUE script for a queue it has not seen, a MULTI/EXEC transaction after) need nothing more."""
     require_edge()
     server, base = acl_redis
-    role_env = {role: {"FERRY_REDIS_URL": _url(base, role)} for role in RULES}
-    role_env["edge"] = role_env["gateway"]
-    c = Cluster(repo, tmp_path, redis=server, role_env=role_env, edge=True)
+    c = Cluster(repo, tmp_path, redis=server, role_env=_role_env(base), edge=True)
     admin = redis.Redis.from_url(server.url)
     try:
         _serve_twenty(c.client())
@@ -123,9 +128,7 @@ def test_an_edge_whose_acl_lacks_transactions_queues_through_the_script(repo: Pa
     server, base = acl_redis
     admin = redis.Redis.from_url(server.url)
     admin.execute_command("ACL", "SETUSER", "ferry-gateway", "-multi", "-exec")
-    role_env = {role: {"FERRY_REDIS_URL": _url(base, role)} for role in RULES}
-    role_env["edge"] = role_env["gateway"]
-    c = Cluster(repo, tmp_path, redis=server, role_env=role_env, edge=True)
+    c = Cluster(repo, tmp_path, redis=server, role_env=_role_env(base), edge=True)
     try:
         admin.config_resetstat()
         _serve_twenty(c.client())
